@@ -1,0 +1,425 @@
+"""One typed configuration for dpo-ray.
+
+The dataclasses below are the single source of truth for YAML presets, ``--set section.key=value``
+overrides on the command line, Ray Tune's param space and the Ray Train worker's
+``train_loop_config``. A config is validated when it is built (:func:`build_config`), so a bad value
+fails with one line naming the key before Ray starts anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Repository root: the bundled data and presets live here when running from a checkout or a
+# `ray job submit --working-dir .` upload.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_HH_DATA = "data/hh_rlhf_harmless_1800.jsonl.gz"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names the key."""
+
+
+class LossName(str, enum.Enum):
+    """Loss types accepted by ``dpo.loss_type`` (TRL's names); behaviour lives in ``dpo_ray.losses``."""
+
+    SIGMOID = "sigmoid"
+    IPO = "ipo"
+    HINGE = "hinge"
+    ROBUST = "robust"
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False
+    r: int = 16  # peft's common default rank; small enough for a laptop, enough capacity for DPO
+    alpha: int = 32  # 2 * r, the usual peft scaling
+    dropout: float = 0.0  # DPO compares two forward passes; dropout noise would bias the margin
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    save_adapter: bool = True  # keep the adapter beside the merged model for reuse
+
+
+@dataclass
+class TinyModelSettings:
+    """Shape of the random-init model built when ``model.name_or_path`` is empty."""
+
+    architecture: str = "llama"  # llama | qwen2
+    vocab_size: int = 2048  # a local byte-level BPE vocabulary; small so the lm_head stays cheap
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2  # grouped-query attention as in Llama-3 / Qwen2
+    intermediate_size: int = 352
+    max_position_embeddings: int = 1024
+    tokenizer_texts: int = 1800  # rows of training data the tokenizer is trained on
+
+
+@dataclass
+class ModelSettings:
+    name_or_path: str = ""  # hub id or local HF directory; empty builds the tiny model
+    trust_remote_code: bool = False  # never run a repository's code unless the user opts in
+    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU | float32 | bfloat16
+    attn_implementation: str = "sdpa"  # sdpa runs everywhere; flash_attention_2 on GPUs that have it
+    gradient_checkpointing: bool = False  # trades ~30% compute for activation memory
+    tiny: TinyModelSettings = field(default_factory=TinyModelSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class DataSettings:
+    train: str = BUNDLED_HH_DATA  # file, directory, or hub dataset id (with data.split)
+    eval: str = ""  # optional explicit held-out file; empty holds out data.eval_fraction of train
+    format: str = "auto"  # auto | explicit | implicit | conversational
+    split: str = "train"  # split name when data.train is a hub dataset id or HF dataset directory
+    eval_split: str = ""  # split of a hub dataset for evaluation (empty: hold out a fraction)
+    column_map: dict[str, str] = field(default_factory=dict)  # e.g. {question: prompt, good: chosen}
+    eval_fraction: float = 0.1  # held-out share when no eval file is given
+    split_seed: int = 1234  # the held-out split depends on this seed only, not on workers
+    max_length: int = 512  # TRL's max_length: prompt + one response, in tokens
+    max_prompt_length: int = 0  # 0 = max_length // 2; prompts are cut from the start down to this
+    max_invalid_fraction: float = 0.01  # stop before training when more rows than this are unusable
+    cache_dir: str = ""  # tokenized data + reference log-probs; empty = <output_dir>/../cache
+    limit: int = 0  # read only the first N usable train rows (0 = all); for quick runs
+
+
+@dataclass
+class DPOSettings:
+    beta: float = 0.1  # the paper's default KL strength
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge | robust
+    label_smoothing: float = 0.0  # robust / conservative DPO: assumed label-flip rate, in [0, 0.5)
+    rpo_alpha: float = 0.0  # weight of the NLL term on chosen responses (RPO); 0 disables it
+    reference: str = "precomputed"  # precomputed | model | adapter (LoRA only)
+
+
+@dataclass
+class TrainSettings:
+    learning_rate: float = 1e-3  # tiny random-init models need a large step; real models use 5e-7..1e-6
+    batch_size: int = 16  # pairs per optimizer step across all workers
+    micro_batch_size: int = 8  # pairs per forward pass per worker; gradient accumulation covers the rest
+    max_steps: int = 0  # 0 = run data.epochs over the data
+    epochs: int = 1
+    seed: int = 42
+    optimizer: str = "adamw"  # adamw | rmsprop (the paper's recipe: rmsprop, lr 1e-6)
+    weight_decay: float = 0.0  # DPO recipes train without weight decay
+    warmup_steps: int = 0  # the paper uses 150 at batch 64
+    lr_schedule: str = "linear"  # linear | cosine | constant, after warmup
+    max_grad_norm: float = 1.0  # clip; 0 disables
+    eval_every: int = 0  # steps between evaluations; 0 = only at the end
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = with each evaluation
+    keep_checkpoints: int = 2  # best k by eval accuracy are kept
+    log_every: int = 5  # steps between progress lines
+    mixed_precision: str = "auto"  # auto = bf16 autocast on GPU, none on CPU | bf16 | no
+    strategy: str = "ddp"  # ddp | fsdp
+    prefix_sharing: bool = True  # [prompt|chosen|rejected] in one row: the prompt runs once
+    length_bucketing: bool = True  # batch pairs of similar length: little padding
+    logits_chunk_size: int = 1024  # response positions per chunk of the chunked log-softmax
+    skip_nonfinite: bool = False  # skip a batch whose loss or gradient is not finite instead of failing
+
+
+@dataclass
+class ScalingSettings:
+    num_workers: int = 2  # two CPU workers exercise DDP even on a laptop
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # only when use_gpu
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint before giving up
+    allow_autoscale: bool = False  # wait for an autoscaler instead of failing when resources are missing
+
+
+@dataclass
+class SweepSettings:
+    num_samples: int = 4
+    max_concurrent_trials: int = 2
+    beta_search: str = "loguniform"  # loguniform | grid
+    beta_min: float = 0.02
+    beta_max: float = 0.5
+    beta_grid: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.3, 0.5])
+    lr_min: float = 1e-4
+    lr_max: float = 3e-3
+    extra: dict[str, list] = field(default_factory=dict)  # other config keys to grid over
+    asha: bool = True  # stop weak trials early on eval accuracy
+    asha_grace_period: int = 1  # evaluations before a trial can be stopped
+    seed: int = 0
+    trial_cpus: float = 0.25  # the trial's own driver function needs only a sliver of a CPU
+
+
+@dataclass
+class Config:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    sweep: SweepSettings = field(default_factory=SweepSettings)
+    output_dir: str = "outputs/default"
+    run_name: str = "dpo"  # the same name resumes from the latest checkpoint
+    storage_path: str = ""  # Ray Train storage (local, s3://, gs://); empty = <output_dir>/ray_results
+
+    # ---------------------------------------------------------------- derived values
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve()
+
+    def resolved_storage_path(self) -> str:
+        if self.storage_path:
+            if "://" in self.storage_path:
+                return self.storage_path
+            return str(Path(self.storage_path).expanduser().resolve())
+        return str(self.resolved_output_dir() / "ray_results")
+
+    def resolved_cache_dir(self) -> Path:
+        if self.data.cache_dir:
+            return Path(self.data.cache_dir).expanduser().resolve()
+        return self.resolved_output_dir().parent / "cache"
+
+    def max_prompt_length(self) -> int:
+        return self.data.max_prompt_length or self.data.max_length // 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# -------------------------------------------------------------------- building from dicts
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is None:
+        return getattr(tp, "__name__", str(tp))
+    args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+    return f"{origin.__name__}[{args}]"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotated type ``tp``; ints widen to floats, nothing else converts."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _from_dict(tp, value, key)
+    if tp is list or tp is dict:
+        if isinstance(value, tp):
+            return value
+        raise bad
+    raise ConfigError(f"config key '{key}' has an unsupported type {tp!r}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key '{key}' (known keys here: {known})")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.split("."), value
+
+
+def _field_type(cls: type, path: list[str]) -> Any:
+    """Annotated type at ``path`` inside dataclass ``cls`` (raises ConfigError for unknown keys)."""
+    tp: Any = cls
+    for depth, name in enumerate(path):
+        key = ".".join(path[: depth + 1])
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            hints = typing.get_type_hints(tp)
+            if name not in hints:
+                known = ", ".join(sorted(hints))
+                raise ConfigError(f"unknown config key '{key}' (known keys here: {known})")
+            tp = hints[name]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1] if typing.get_args(tp) else Any
+        else:
+            raise ConfigError(f"config key '{key}' does not exist: '{'.'.join(path[:depth])}' is a value")
+    return tp
+
+
+def _coerce_override(path: list[str], value: Any) -> Any:
+    """CLI values arrive as YAML scalars; a string field keeps the text even if it looks like a number."""
+    tp = _field_type(Config, path)
+    if tp is str and not isinstance(value, str) and value is not None and not isinstance(value, (dict, list)):
+        return str(value) if not isinstance(value, bool) else value
+    return value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for name in path[:-1]:
+        child = node.get(name)
+        if not isinstance(child, dict):
+            child = {}
+            node[name] = child
+        node = child
+    node[path[-1]] = value
+
+
+def merge_overrides(base: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) onto a config dict."""
+    tree = json.loads(json.dumps(base))
+    for text in overrides:
+        path, value = _parse_override(text)
+        _set_path(tree, path, _coerce_override(path, value))
+    return tree
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from a (possibly partial) nested dict."""
+    cfg = _from_dict(Config, data or {})
+    validate_config(cfg)
+    return cfg
+
+
+def build_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML preset (optional), apply ``--set`` overrides, validate, return the Config."""
+    data: dict[str, Any] = {}
+    if yaml_path:
+        path = Path(yaml_path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    data = merge_overrides(data, overrides or [])
+    return config_from_dict(data)
+
+
+# -------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _require_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+def validate_config(cfg: Config) -> None:
+    """Reject values that cannot train; each error names the key (one line, before Ray starts)."""
+    _require(cfg.dpo.beta > 0, "dpo.beta", f"must be > 0; got {cfg.dpo.beta}")
+    _require_choice(cfg.dpo.loss_type, "dpo.loss_type", tuple(m.value for m in LossName))
+    _require(0.0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
+    _require(cfg.dpo.rpo_alpha >= 0, "dpo.rpo_alpha", "must be >= 0")
+    _require_choice(cfg.dpo.reference, "dpo.reference", ("precomputed", "model", "adapter"))
+    _require(
+        cfg.dpo.reference != "adapter" or cfg.model.lora.enabled,
+        "dpo.reference",
+        "'adapter' needs model.lora.enabled=true (the base model with the adapter off is the reference)",
+    )
+    _require(cfg.train.learning_rate > 0, "train.learning_rate", f"must be > 0; got {cfg.train.learning_rate}")
+    _require(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _require(cfg.train.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    _require(cfg.train.max_steps >= 0, "train.max_steps", "must be >= 0")
+    _require(cfg.train.epochs >= 1, "train.epochs", "must be >= 1")
+    _require_choice(cfg.train.optimizer, "train.optimizer", ("adamw", "rmsprop"))
+    _require_choice(cfg.train.lr_schedule, "train.lr_schedule", ("linear", "cosine", "constant"))
+    _require_choice(cfg.train.mixed_precision, "train.mixed_precision", ("auto", "bf16", "no"))
+    _require_choice(cfg.train.strategy, "train.strategy", ("ddp", "fsdp"))
+    _require(cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _require(cfg.train.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+    _require(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    _require(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
+    _require(cfg.train.logits_chunk_size >= 1, "train.logits_chunk_size", "must be >= 1")
+    _require(cfg.scaling.num_workers >= 0, "scaling.num_workers", "must be >= 0 (0 runs in the driver)")
+    _require(cfg.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
+    _require(cfg.scaling.max_failures >= 0, "scaling.max_failures", "must be >= 0")
+    workers = max(cfg.scaling.num_workers, 1)
+    _require(
+        cfg.train.batch_size % workers == 0,
+        "train.batch_size",
+        f"{cfg.train.batch_size} pairs must split evenly over scaling.num_workers={workers}",
+    )
+    _require(cfg.data.max_length >= 8, "data.max_length", f"{cfg.data.max_length} is too small for any prompt and response (>= 8)")
+    _require(
+        0 <= cfg.data.max_prompt_length < cfg.data.max_length,
+        "data.max_prompt_length",
+        "must be >= 0 and below data.max_length",
+    )
+    _require_choice(cfg.data.format, "data.format", ("auto", "explicit", "implicit", "conversational"))
+    _require(0.0 < cfg.data.eval_fraction < 1.0 or bool(cfg.data.eval) or bool(cfg.data.eval_split),
+             "data.eval_fraction", "must be in (0, 1) when no data.eval file is given")
+    _require(0.0 <= cfg.data.max_invalid_fraction <= 1.0, "data.max_invalid_fraction", "must be in [0, 1]")
+    _require(bool(cfg.data.train), "data.train", "must name a file, directory or dataset id")
+    _require_choice(cfg.model.dtype, "model.dtype", ("auto", "float32", "bfloat16"))
+    _require_choice(cfg.model.tiny.architecture, "model.tiny.architecture", ("llama", "qwen2"))
+    _require(cfg.model.lora.r >= 1, "model.lora.r", "must be >= 1")
+    _require(bool(cfg.run_name), "run_name", "must not be empty")
+    _require(cfg.sweep.num_samples >= 1, "sweep.num_samples", "must be >= 1")
+    _require(cfg.sweep.max_concurrent_trials >= 1, "sweep.max_concurrent_trials", "must be >= 1")
+    _require_choice(cfg.sweep.beta_search, "sweep.beta_search", ("loguniform", "grid"))
+    _require(0 < cfg.sweep.beta_min <= cfg.sweep.beta_max, "sweep.beta_min", "needs 0 < beta_min <= beta_max")
+    _require(0 < cfg.sweep.lr_min <= cfg.sweep.lr_max, "sweep.lr_min", "needs 0 < lr_min <= lr_max")
+    for key in cfg.sweep.extra:
+        _field_type(Config, key.split("."))
+
+
+def resolve_data_path(path: str) -> str:
+    """A relative local path is looked up in the working directory, then in the repository root."""
+    if not path or "://" in path:
+        return path
+    p = Path(path).expanduser()
+    if p.exists() or p.is_absolute():
+        return str(p.resolve()) if p.exists() else str(p)
+    candidate = REPO_ROOT / p
+    return str(candidate) if candidate.exists() else path

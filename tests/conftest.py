@@ -1,0 +1,46 @@
+"""Shared fixtures: one local Ray instance for the whole session, and one tiny model built offline."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HH_DATA = REPO / "data" / "hh_rlhf_harmless_1800.jsonl.gz"
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance shared by every test that needs Ray (2 CPUs, like CI)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+
+
+@pytest.fixture(scope="session")
+def hh_rows() -> list[dict]:
+    with gzip.open(HH_DATA, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, hh_rows) -> str:
+    """A tiny Llama (2 layers, 64 wide) with a tokenizer trained on the bundled HH sample."""
+    from dpo_ray.config import TinyModelSettings
+    from dpo_ray.tiny_model import make_tiny_model
+
+    settings = TinyModelSettings(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                 intermediate_size=128, max_position_embeddings=1024)
+    texts = [r["chosen"] for r in hh_rows[:600]] + [f"{a}+{b}={a + b}" for a in range(50) for b in range(20)]
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", texts, settings, seed=0)
