@@ -24,7 +24,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(num_cpus=2, log_to_driver=False)  # the dashboard stays: Train uses its State API
     yield ray
 
 

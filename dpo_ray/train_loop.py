@@ -1,0 +1,597 @@
+"""The DPO training function each Ray Train worker runs.
+
+``train_loop_per_worker(loop_config)`` takes the resolved :class:`~dpo_ray.config.Config` (as a dict)
+plus the model and tokenizer paths, trains with DDP or FSDP, evaluates on its eval shard (reduced so
+that each held-out pair counts once), and reports metrics with a checkpoint through
+``ray.train.report``. Running it again under the same run name continues from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+import ray.train
+import ray.train.torch
+
+from dpo_ray.batching import order_by_length_buckets
+from dpo_ray.checkpointing import (
+    TrainState,
+    is_complete,
+    load_training_state,
+    make_staging_dir,
+    mark_complete,
+    save_training_state,
+)
+from dpo_ray.config import Config, config_from_dict
+from dpo_ray.losses import (
+    LossType,
+    compute_dpo_loss,
+    compute_pair_accuracy,
+    compute_pair_accuracy_strict,
+)
+from dpo_ray.modeling import PairLogProbs, build_pair_batch, disabled_adapter, load_causal_lm, resolve_dtype
+
+logger = logging.getLogger("dpo_ray")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or gradient was NaN or infinite; the message names the step and the batch's rows."""
+
+
+@dataclass
+class PairRow:
+    row_id: str
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    ref_chosen: float = 0.0
+    ref_rejected: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.chosen) + len(self.rejected)
+
+    def as_pair(self):
+        return self.prompt, self.chosen, self.rejected
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def collect_shard_rows(shard) -> list[PairRow]:
+    """All rows of this worker's shard, in shard order (the shard is deterministic, see DataConfig)."""
+    rows: list[PairRow] = []
+    if shard is None:
+        return rows
+    for batch in shard.iter_batches(batch_size=1024, batch_format="numpy", prefetch_batches=0):
+        has_ref = "ref_chosen_logps" in batch
+        for i in range(len(batch["row_id"])):
+            rows.append(
+                PairRow(
+                    row_id=str(batch["row_id"][i]),
+                    prompt=[int(t) for t in batch["prompt_ids"][i]],
+                    chosen=[int(t) for t in batch["chosen_ids"][i]],
+                    rejected=[int(t) for t in batch["rejected_ids"][i]],
+                    ref_chosen=float(batch["ref_chosen_logps"][i]) if has_ref else 0.0,
+                    ref_rejected=float(batch["ref_rejected_logps"][i]) if has_ref else 0.0,
+                )
+            )
+    return rows
+
+
+def plan_epoch(rows: Sequence[PairRow], pairs_per_step: int, seed: int, epoch: int, bucketing: bool) -> list[list[int]]:
+    """Batches (lists of row indices) of one epoch; the same on every run for the same seed and epoch."""
+    gen = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    if bucketing:
+        return order_by_length_buckets([r.num_tokens for r in rows], pairs_per_step, gen)
+    perm = torch.randperm(len(rows), generator=gen).tolist()
+    return [perm[i : i + pairs_per_step] for i in range(0, len(perm), pairs_per_step)]
+
+
+def split_micro_batches(indices: list[int], micro_batch_size: int) -> list[list[int]]:
+    return [indices[i : i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+def build_policy(cfg: Config, model_path: str, device: torch.device, ckpt_dir: Path | None):
+    """Policy LM (fp32 master weights; autocast does bf16 on GPU), with LoRA and checkpoint weights."""
+    lm = load_causal_lm(
+        model_path,
+        dtype=torch.float32,
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    if cfg.model.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.config.use_cache = False
+    if cfg.model.lora.enabled:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if ckpt_dir is not None and (ckpt_dir / "adapter").exists():
+            lm = PeftModel.from_pretrained(lm, str(ckpt_dir / "adapter"), is_trainable=True)
+        else:
+            lora = cfg.model.lora
+            lm = get_peft_model(
+                lm,
+                LoraConfig(
+                    r=lora.r,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=list(lora.target_modules),
+                    task_type="CAUSAL_LM",
+                ),
+            )
+    elif ckpt_dir is not None:
+        from safetensors.torch import load_file
+
+        state = {}
+        for f in sorted((ckpt_dir / "model").glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        missing, unexpected = lm.load_state_dict(state, strict=False)
+        tied = {k for k in missing if "lm_head" in k and getattr(lm.config, "tie_word_embeddings", False)}
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"checkpoint {ckpt_dir} does not match the model: missing {missing}, unexpected {unexpected}")
+    return lm.to(device)
+
+
+def build_reference(cfg: Config, model_path: str, device: torch.device):
+    """A frozen copy of the starting policy, for ``dpo.reference=model``."""
+    ref = load_causal_lm(
+        model_path,
+        dtype=resolve_dtype(cfg.model.dtype, device),
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+        device=device,
+    )
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def wrap_model(cfg: Config, scorer: PairLogProbs) -> torch.nn.Module:
+    """DDP (default) or FSDP through Ray Train's prepare_model; a no-op for a single worker."""
+    if cfg.train.strategy == "fsdp":
+        from functools import partial
+
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        layer_cls = {type(layer) for layer in scorer.lm.get_decoder().layers} if hasattr(scorer.lm, "get_decoder") else set()
+        policy = partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_cls) if layer_cls else None
+        kwargs: dict[str, Any] = {"auto_wrap_policy": policy, "use_orig_params": True}
+        return ray.train.torch.prepare_model(scorer, parallel_strategy="fsdp", parallel_strategy_kwargs=kwargs)
+    return ray.train.torch.prepare_model(scorer, parallel_strategy="ddp")
+
+
+def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    if cfg.train.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+
+
+def build_scheduler(cfg: Config, optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.train.lr_schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=max(total_steps, 1))
+
+
+def autocast_context(cfg: Config, device: torch.device):
+    use_bf16 = cfg.train.mixed_precision == "bf16" or (cfg.train.mixed_precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------ distributed helpers
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+# ------------------------------------------------------------------------------------ the step
+
+
+class DPOStepper:
+    """Computes the DPO loss of a micro-batch: policy forward, reference log-probs, loss."""
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, scorer: PairLogProbs, ref_lm, pad_id: int, device):
+        self.cfg = cfg
+        self.model = model  # wrapped (DDP/FSDP) scorer used for training forward passes
+        self.scorer = scorer  # unwrapped, for eval and adapter-off reference passes
+        self.ref_lm = ref_lm
+        self.pad_id = pad_id
+        self.device = device
+        self.loss_type = LossType(cfg.dpo.loss_type)
+
+    def reference_logps(self, rows: Sequence[PairRow], batch) -> tuple[torch.Tensor, torch.Tensor]:
+        mode = self.cfg.dpo.reference
+        if mode == "precomputed":
+            chosen = torch.tensor([r.ref_chosen for r in rows], dtype=torch.float32, device=self.device)
+            rejected = torch.tensor([r.ref_rejected for r in rows], dtype=torch.float32, device=self.device)
+            return chosen, rejected
+        with torch.no_grad(), autocast_context(self.cfg, self.device):
+            if mode == "adapter":
+                with disabled_adapter(self.scorer.lm):
+                    chosen, rejected = self.scorer(batch)
+            else:
+                ref_scorer = PairLogProbs(self.ref_lm, self.cfg.train.prefix_sharing, self.cfg.train.logits_chunk_size)
+                chosen, rejected = ref_scorer(batch)
+        return chosen.float(), rejected.float()
+
+    def compute(self, rows: Sequence[PairRow], model: torch.nn.Module | None = None):
+        """Loss output and the policy log-probs of ``rows`` (one micro-batch)."""
+        batch = build_pair_batch([r.as_pair() for r in rows], self.pad_id, self.cfg.train.prefix_sharing, self.device)
+        ref_chosen, ref_rejected = self.reference_logps(rows, batch)
+        with autocast_context(self.cfg, self.device):
+            chosen, rejected = (model or self.model)(batch)
+        out = compute_dpo_loss(
+            chosen.float(),
+            rejected.float(),
+            ref_chosen,
+            ref_rejected,
+            beta=self.cfg.dpo.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.cfg.dpo.label_smoothing,
+            rpo_alpha=self.cfg.dpo.rpo_alpha,
+            chosen_token_counts=batch["chosen_lengths"],
+        )
+        return out, chosen.detach().float(), rejected.detach().float()
+
+
+EVAL_KEYS = ("acc", "acc_strict", "loss", "margin", "chosen_reward", "rejected_reward", "logps_chosen", "logps_rejected", "count")
+
+
+def evaluate(stepper: DPOStepper, rows: Sequence[PairRow], micro_batch_size: int) -> dict[str, float]:
+    """Held-out metrics over all workers' eval shards; each pair counts exactly once.
+
+    Every worker runs the same number of forward passes (shorter shards repeat their last batch with
+    weight 0), so FSDP's collectives stay matched.
+    """
+    order = sorted(range(len(rows)), key=lambda i: rows[i].num_tokens)
+    batches = split_micro_batches(order, micro_batch_size)
+    n_batches = int(all_reduce_max(float(len(batches)), stepper.device))
+    sums = dict.fromkeys(EVAL_KEYS, 0.0)
+    model = stepper.model if stepper.cfg.train.strategy == "fsdp" else stepper.scorer
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for b in range(n_batches):
+            real = b < len(batches)
+            idx = batches[b] if real else (batches[-1] if batches else [])
+            if not idx:
+                continue  # this worker has no eval rows at all (only possible without FSDP)
+            batch_rows = [rows[i] for i in idx]
+            out, chosen, rejected = stepper.compute(batch_rows, model=model)
+            if not real:
+                continue
+            margins = out.chosen_rewards - out.rejected_rewards
+            sums["acc"] += compute_pair_accuracy(margins).sum().item()
+            sums["acc_strict"] += compute_pair_accuracy_strict(margins).sum().item()
+            sums["loss"] += out.losses.sum().item()
+            sums["margin"] += margins.sum().item()
+            sums["chosen_reward"] += out.chosen_rewards.sum().item()
+            sums["rejected_reward"] += out.rejected_rewards.sum().item()
+            sums["logps_chosen"] += chosen.sum().item()
+            sums["logps_rejected"] += rejected.sum().item()
+            sums["count"] += len(idx)
+    model.train(was_training)
+    total = dict(zip(EVAL_KEYS, all_reduce_sum([sums[k] for k in EVAL_KEYS], stepper.device)))
+    n = max(total["count"], 1.0)
+    return {
+        "eval_accuracy": total["acc"] / n,
+        "eval_accuracy_strict": total["acc_strict"] / n,
+        "eval_loss": total["loss"] / n,
+        "eval_reward_margin": total["margin"] / n,
+        "eval_rewards_chosen": total["chosen_reward"] / n,
+        "eval_rewards_rejected": total["rejected_reward"] / n,
+        "eval_logps_chosen": total["logps_chosen"] / n,
+        "eval_logps_rejected": total["logps_rejected"] / n,
+        "eval_pairs": int(total["count"]),
+    }
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def gather_model_state(model: torch.nn.Module, cfg: Config) -> dict[str, torch.Tensor] | None:
+    """Full state dict of the LM for saving (all ranks must call this under FSDP); None off rank 0."""
+    if cfg.train.strategy == "fsdp" and dist.is_initialized():
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+            state = model.state_dict()
+        state = {k.removeprefix("lm."): v for k, v in state.items()}
+        return state if ray.train.get_context().get_world_rank() == 0 else None
+    return None
+
+
+def save_policy(lm, tokenizer_path: str, out_dir: Path, cfg: Config, state_dict=None, merge_lora: bool = False) -> None:
+    """The policy as a Hugging Face directory (safetensors) with its tokenizer; LoRA as an adapter or merged."""
+    from transformers import AutoTokenizer
+
+    if cfg.model.lora.enabled:
+        lm.save_pretrained(str(out_dir / "adapter"))
+        if merge_lora:
+            import copy
+
+            merged = copy.deepcopy(lm).merge_and_unload()
+            merged.save_pretrained(str(out_dir / "model"), safe_serialization=True)
+        else:
+            return
+    else:
+        lm.save_pretrained(str(out_dir / "model"), safe_serialization=True, state_dict=state_dict)
+    tok = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
+    tok.save_pretrained(str(out_dir / "model"))
+
+
+def report_with_checkpoint(metrics: dict[str, Any], write_fn) -> None:
+    """Every rank reports (it is a barrier); rank 0 attaches a checkpoint written by ``write_fn(dir)``."""
+    from ray.train import Checkpoint
+
+    if ray.train.get_context().get_world_rank() == 0:
+        staging = make_staging_dir()
+        write_fn(staging)
+        mark_complete(staging)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(staging)))
+    else:
+        ray.train.report(metrics, checkpoint=None)
+
+
+def latest_complete_checkpoint() -> Path | None:
+    """The checkpoint Ray hands back on resume, if it was written completely."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    local = Path(ckpt.to_directory())
+    if not is_complete(local):
+        logger.warning("checkpoint %s is incomplete (no COMPLETE marker); starting without it", ckpt.path)
+        return None
+    return local
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+
+def format_progress(step: int, total: int, metrics: dict[str, float], pairs_per_s: float, eta_s: float) -> str:
+    eta = time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0)))
+    return (
+        f"step {step}/{total} | loss {metrics['loss']:.4f} | acc {metrics['acc']:.3f} | "
+        f"margin {metrics['margin']:.4f} | {pairs_per_s:.1f} pairs/s | ETA {eta}"
+    )
+
+
+def open_metric_writers(cfg: Config, rank: int):
+    """TensorBoard on rank 0 (and MLflow when installed and MLFLOW_TRACKING_URI is set)."""
+    if rank != 0:
+        return []
+    writers = []
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writers.append(SummaryWriter(log_dir=str(Path(cfg.resolved_output_dir()) / "tensorboard" / cfg.run_name)))
+    except Exception as exc:  # tensorboard missing: the metrics still go to Ray and the log
+        logger.warning("TensorBoard logging off: %s", exc)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        try:
+            import mlflow
+
+            mlflow.set_experiment(cfg.run_name)
+            mlflow.start_run(run_name=cfg.run_name)
+            writers.append(mlflow)
+        except ImportError:
+            logger.warning("MLFLOW_TRACKING_URI is set but mlflow is not installed")
+    return writers
+
+
+def log_metrics(writers, metrics: dict[str, float], step: int) -> None:
+    for w in writers:
+        if hasattr(w, "add_scalar"):
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    w.add_scalar(k, v, step)
+            w.flush()
+        else:
+            w.log_metrics({k.replace("/", "_"): v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``loop_config`` = {cfg: Config dict, model_path, tokenizer_path, pad_id}."""
+    cfg = config_from_dict(loop_config["cfg"])
+    model_path, tokenizer_path, pad_id = loop_config["model_path"], loop_config["tokenizer_path"], loop_config["pad_id"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    seed_everything(cfg.train.seed)
+
+    train_rows = collect_shard_rows(ray.train.get_dataset_shard("train"))
+    eval_rows = collect_shard_rows(ray.train.get_dataset_shard("eval"))
+    pairs_per_step = max(1, cfg.train.batch_size // max(world, 1))
+    steps_per_epoch = math.ceil(len(train_rows) / pairs_per_step)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+
+    ckpt_dir = latest_complete_checkpoint()
+    lm = build_policy(cfg, model_path, device, ckpt_dir)
+    scorer = PairLogProbs(lm, cfg.train.prefix_sharing, cfg.train.logits_chunk_size)
+    model = wrap_model(cfg, scorer)
+    ref_lm = build_reference(cfg, model_path, device) if cfg.dpo.reference == "model" else None
+    stepper = DPOStepper(cfg, model, scorer, ref_lm, pad_id, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(cfg, params)
+    scheduler = build_scheduler(cfg, optimizer, total_steps)
+    state = TrainState()
+    if ckpt_dir is not None:
+        state = load_training_state(ckpt_dir, optimizer, scheduler)
+        if rank == 0:
+            print(f"[dpo-ray] resuming from checkpoint at step {state.step}/{total_steps}", flush=True)
+
+    writers = open_metric_writers(cfg, rank)
+    eval_every = cfg.train.eval_every or total_steps
+    ckpt_every = cfg.train.checkpoint_every or eval_every
+    window = dict.fromkeys(("loss", "acc", "margin", "count"), 0.0)
+    last_train: dict[str, float] = {}
+    segment_start = time.perf_counter()
+    seconds_before = state.train_seconds
+
+    def write_checkpoint(final: bool):
+        def write(directory: Path) -> None:
+            save_policy(lm, tokenizer_path, directory, cfg, state_dict=full_state, merge_lora=final)
+            save_training_state(directory, optimizer, scheduler, state, metrics)
+
+        return write
+
+    epoch_plan: list[list[int]] = []
+    planned_epoch = -1
+    reported_final = False
+    while state.step < total_steps:
+        if planned_epoch != state.epoch:
+            epoch_plan = plan_epoch(train_rows, pairs_per_step, cfg.train.seed, state.epoch, cfg.train.length_bucketing)
+            planned_epoch = state.epoch
+        if state.batch_in_epoch >= len(epoch_plan):
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            continue
+        step_rows = [train_rows[i] for i in epoch_plan[state.batch_in_epoch]]
+        micro = split_micro_batches(list(range(len(step_rows))), cfg.train.micro_batch_size)
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = step_acc = step_margin = 0.0
+        finite = True
+        for m_i, idx in enumerate(micro):
+            rows = [step_rows[i] for i in idx]
+            sync = m_i == len(micro) - 1 or not hasattr(model, "no_sync")
+            with (contextlib.nullcontext() if sync else model.no_sync()):
+                out, _, _ = stepper.compute(rows)
+                finite = finite and bool(torch.isfinite(out.loss).item())
+                (out.loss * (len(idx) / len(step_rows))).backward()
+            margins = out.chosen_rewards - out.rejected_rewards
+            step_loss += out.loss.item() * len(idx)
+            step_acc += compute_pair_accuracy(margins).sum().item()
+            step_margin += margins.sum().item()
+        if cfg.train.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        finite = finite and bool(torch.isfinite(grad_norm).item())
+        any_nonfinite = all_reduce_max(0.0 if finite else 1.0, device) > 0
+        state.batch_in_epoch += 1
+        if any_nonfinite:
+            optimizer.zero_grad(set_to_none=True)
+            ids = [r.row_id for r in step_rows]
+            if not cfg.train.skip_nonfinite:
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradient at step {state.step + 1} (worker {rank}); rows in the batch: "
+                    f"{', '.join(ids)}. Set train.skip_nonfinite=true to skip such batches."
+                )
+            state.nonfinite_skips += 1
+            state.skipped_row_ids.extend(ids[:20])
+            logger.warning("skipping a non-finite batch at step %d: rows %s", state.step + 1, ids)
+            continue
+        optimizer.step()
+        scheduler.step()
+        state.step += 1
+        step_tokens = sum(r.num_tokens for r in step_rows)
+        n_pairs, n_tokens = all_reduce_sum([len(step_rows), step_tokens], device)
+        state.pairs_seen += int(n_pairs)
+        state.tokens_seen += int(n_tokens)
+        window["loss"] += step_loss
+        window["acc"] += step_acc
+        window["margin"] += step_margin
+        window["count"] += len(step_rows)
+
+        is_last = state.step >= total_steps
+        if state.step % cfg.train.log_every == 0 or is_last:
+            loss_s, acc_s, margin_s, count = all_reduce_sum([window["loss"], window["acc"], window["margin"], window["count"]], device)
+            n = max(count, 1.0)
+            last_train = {"loss": loss_s / n, "acc": acc_s / n, "margin": margin_s / n}
+            window = dict.fromkeys(window, 0.0)
+            state.train_seconds = seconds_before + time.perf_counter() - segment_start
+            pps = state.pairs_seen / max(state.train_seconds, 1e-9)
+            if rank == 0:
+                eta = (total_steps - state.step) * state.train_seconds / max(state.step, 1)
+                print("[dpo-ray] " + format_progress(state.step, total_steps, last_train, pps, eta), flush=True)
+                log_metrics(writers, {"train/loss": last_train["loss"], "train/accuracy": last_train["acc"],
+                                      "train/margin": last_train["margin"], "train/pairs_per_second": pps,
+                                      "train/lr": scheduler.get_last_lr()[0]}, state.step)
+        if state.step % eval_every == 0 or state.step % ckpt_every == 0 or is_last:
+            state.train_seconds = seconds_before + time.perf_counter() - segment_start
+            metrics = build_report_metrics(cfg, state, last_train, evaluate(stepper, eval_rows, cfg.train.micro_batch_size))
+            full_state = gather_model_state(model, cfg)
+            report_with_checkpoint(metrics, write_checkpoint(final=is_last))
+            reported_final = is_last
+            log_metrics(writers, {k: v for k, v in metrics.items() if k.startswith("eval_")}, state.step)
+            if rank == 0:
+                print(f"[dpo-ray] eval at step {state.step}: accuracy {metrics['eval_accuracy']:.4f} "
+                      f"(strict {metrics['eval_accuracy_strict']:.4f}), loss {metrics['eval_loss']:.4f}, "
+                      f"margin {metrics['eval_reward_margin']:.4f}", flush=True)
+            segment_start = time.perf_counter()
+            seconds_before = state.train_seconds
+
+    if not reported_final:
+        # Resumed a finished run: evaluate the restored policy and report it again, without training.
+        metrics = build_report_metrics(cfg, state, last_train, evaluate(stepper, eval_rows, cfg.train.micro_batch_size))
+        full_state = gather_model_state(model, cfg)
+        report_with_checkpoint(metrics, write_checkpoint(final=True))
+    for w in writers:
+        if hasattr(w, "close"):
+            w.close()
+
+
+def build_report_metrics(cfg: Config, state: TrainState, train: dict[str, float], evals: dict[str, float]) -> dict[str, Any]:
+    pps = state.pairs_seen / max(state.train_seconds, 1e-9)
+    return {
+        **evals,
+        "step": state.step,
+        "epoch": state.epoch,
+        "train_loss": train.get("loss", float("nan")),
+        "train_accuracy": train.get("acc", float("nan")),
+        "train_reward_margin": train.get("margin", float("nan")),
+        "pairs_seen": state.pairs_seen,
+        "tokens_seen": state.tokens_seen,
+        "train_seconds": state.train_seconds,
+        "pairs_per_second": pps,
+        "tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
+        "nonfinite_skips": state.nonfinite_skips,
+        "skipped_row_ids": list(state.skipped_row_ids),
+        "peak_memory_mb": peak_memory_mb(),
+    }
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this worker process (and peak CUDA memory when on GPU)."""
+    import resource
+
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    if torch.cuda.is_available():
+        return max(rss_mb, torch.cuda.max_memory_allocated() / 2**20)
+    return rss_mb

@@ -1,0 +1,174 @@
+"""Driver side of a DPO run: model, data, the Ray Train TorchTrainer, and the summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from dpo_ray.checkpointing import copy_model_dir
+from dpo_ray.config import Config, resolve_data_path
+
+logger = logging.getLogger("dpo_ray")
+
+SUMMARY_FILE = "summary.json"
+
+
+class DeterministicSplitDataConfig:
+    """Factory for a ``ray.train.DataConfig`` that shards train and eval the same way on every run.
+
+    Ray's default ``streaming_split`` hands blocks to whichever worker asks first, so the rows a worker
+    sees change from run to run; that breaks exact resume and seeded determinism. The datasets here are
+    materialized, so ``Dataset.split`` cuts them by row order instead: train into equal shards (every
+    worker takes the same number of steps), eval into shards that together hold every row once.
+    """
+
+    @staticmethod
+    def build():
+        from ray.train import DataConfig
+
+        class _Config(DataConfig):
+            def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+                output = [{} for _ in range(world_size)]
+                for name, ds in datasets.items():
+                    shards = ds.split(world_size, equal=(name == "train"))
+                    for rank, shard in enumerate(shards):
+                        output[rank][name] = shard.iterator()
+                return output
+
+        return _Config(datasets_to_split=["train", "eval"])
+
+
+def prepare_model_path(cfg: Config) -> str:
+    """``model.name_or_path`` (hub id or local directory), or a tiny model built from the train data."""
+    if cfg.model.name_or_path:
+        return resolve_data_path(cfg.model.name_or_path)
+    from dpo_ray.data.reading import read_preference_texts
+    from dpo_ray.tiny_model import make_cached_tiny_model
+
+    texts = read_preference_texts(resolve_data_path(cfg.data.train), cfg.model.tiny.tokenizer_texts)
+    path = make_cached_tiny_model(cfg.resolved_cache_dir() / "models", texts, cfg.model.tiny, seed=cfg.train.seed)
+    logger.info("built tiny model at %s", path)
+    return path
+
+
+def write_resolved_config(cfg: Config) -> Path:
+    out = cfg.resolved_output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    return path
+
+
+def build_trainer(cfg: Config, datasets: dict[str, Any], model_path: str, pad_id: int, callbacks=None):
+    """A TorchTrainer for ``cfg``; the same run name and storage path resume from the latest checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from dpo_ray.train_loop import train_loop_per_worker
+
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "model_path": model_path, "tokenizer_path": model_path, "pad_id": pad_id},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=cfg.resolved_storage_path(),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute="eval_accuracy",
+                checkpoint_score_order="max",
+            ),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        dataset_config=DeterministicSplitDataConfig.build(),
+    )
+
+
+def pad_token_id(model_path: str, cfg: Config) -> int:
+    from dpo_ray.modeling import load_tokenizer
+
+    return int(load_tokenizer(model_path, cfg.model.trust_remote_code).pad_token_id)
+
+
+SUMMARY_METRICS = (
+    "eval_accuracy",
+    "eval_accuracy_strict",
+    "eval_loss",
+    "eval_reward_margin",
+    "eval_rewards_chosen",
+    "eval_rewards_rejected",
+    "eval_logps_chosen",
+    "eval_logps_rejected",
+    "train_loss",
+    "train_accuracy",
+    "pairs_per_second",
+    "tokens_per_second",
+    "train_seconds",
+    "nonfinite_skips",
+    "skipped_row_ids",
+    "peak_memory_mb",
+)
+
+
+def build_summary(cfg: Config, metrics: dict[str, Any], prepared, final_model_dir: str, wall_seconds: float,
+                  checkpoint_path: str | None) -> dict[str, Any]:
+    summary = {k: metrics.get(k) for k in SUMMARY_METRICS}
+    summary.update(
+        {
+            "train_pairs": prepared.train_pairs,
+            "eval_pairs": metrics.get("eval_pairs", prepared.eval_pairs),
+            "steps": metrics.get("step"),
+            "wall_seconds": round(wall_seconds, 2),
+            "reference_passes": prepared.reference_passes,
+            "final_model_dir": final_model_dir,
+            "checkpoint_path": checkpoint_path,
+            "data_report": str(cfg.resolved_output_dir() / "data_report.json"),
+            "config": cfg.to_dict(),
+        }
+    )
+    return summary
+
+
+def run_dpo(cfg: Config, callbacks=None, prepared=None, model_path: str | None = None) -> dict[str, Any]:
+    """Prepare model and data, train, export the final policy and write ``summary.json``.
+
+    ``prepared`` and ``model_path`` let a sweep hand in data prepared once for all its trials.
+    """
+    from dpo_ray.cluster import check_cluster_resources
+
+    start = time.perf_counter()
+    out = cfg.resolved_output_dir()
+    write_resolved_config(cfg)
+    check_cluster_resources(cfg)
+    if model_path is None:
+        model_path = prepare_model_path(cfg)
+    if prepared is None:
+        from dpo_ray.data.pipeline import prepare_data
+
+        ref_path = model_path if cfg.dpo.reference == "precomputed" else None
+        prepared = prepare_data(cfg, tokenizer_path=model_path, reference_model_path=ref_path)
+    trainer = build_trainer(cfg, {"train": prepared.train, "eval": prepared.eval}, model_path,
+                            pad_token_id(model_path, cfg), callbacks)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    final_dir = ""
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as ckpt:
+            final_dir = str(copy_model_dir(Path(ckpt) / "model", out / "final_model"))
+            if cfg.model.lora.enabled and cfg.model.lora.save_adapter and (Path(ckpt) / "adapter").exists():
+                copy_model_dir(Path(ckpt) / "adapter", out / "final_adapter")
+    summary = build_summary(cfg, result.metrics or {}, prepared, final_dir, time.perf_counter() - start,
+                            result.checkpoint.path if result.checkpoint else None)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    return summary

@@ -1,0 +1,35 @@
+"""The train workflow's steps, kept here so ``workflows/train.py`` stays a thin script."""
+
+from __future__ import annotations
+
+import sys
+
+from dpo_ray.cli import build_parser, parse_config, print_config
+from dpo_ray.config import ConfigError
+
+
+def format_summary(summary: dict) -> str:
+    keys = ("eval_accuracy", "eval_accuracy_strict", "eval_loss", "eval_reward_margin", "train_pairs", "eval_pairs",
+            "steps", "pairs_per_second", "wall_seconds", "reference_passes")
+    lines = [f"  {k:22s} {summary.get(k)}" for k in keys]
+    return "\n".join(lines)
+
+
+def main_train(argv: list[str] | None = None) -> dict:
+    """Parse, build, run, print where the results are."""
+    from dpo_ray.cluster import init_ray
+    from dpo_ray.data.pipeline import DataValidationError
+    from dpo_ray.trainer import SUMMARY_FILE, run_dpo
+
+    _, cfg = parse_config(build_parser("Train a policy with DPO on Ray Train."), argv)
+    print_config(cfg)
+    init_ray()
+    try:
+        summary = run_dpo(cfg)
+    except (ConfigError, DataValidationError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print("[dpo-ray] done:\n" + format_summary(summary))
+    print(f"[dpo-ray] summary: {cfg.resolved_output_dir() / SUMMARY_FILE}")
+    print(f"[dpo-ray] final model: {summary['final_model_dir']}")
+    return summary
