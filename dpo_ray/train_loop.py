@@ -34,6 +34,7 @@ from dpo_ray.checkpointing import (
     save_training_state,
 )
 from dpo_ray.config import Config, config_from_dict
+from dpo_ray.interrupt import StopPoller
 from dpo_ray.losses import (
     LossType,
     compute_dpo_loss,
@@ -205,11 +206,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def all_reduce_max(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+def all_reduce_max_many(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return t.tolist()
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    return all_reduce_max_many([value], device)[0]
 
 
 # ------------------------------------------------------------------------------------ the step
@@ -363,15 +368,41 @@ def report_with_checkpoint(metrics: dict[str, Any], write_fn) -> None:
 
 
 def latest_complete_checkpoint() -> Path | None:
-    """The checkpoint Ray hands back on resume, if it was written completely."""
+    """The newest completely written checkpoint of this run, as a local directory.
+
+    Ray hands back the latest registered checkpoint. If that one lacks the COMPLETE marker (a crash while
+    it was written), the newest complete sibling in the run's storage is used instead, so a half-written
+    checkpoint never stops a resume or sends it back to step 0.
+    """
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
     local = Path(ckpt.to_directory())
-    if not is_complete(local):
-        logger.warning("checkpoint %s is incomplete (no COMPLETE marker); starting without it", ckpt.path)
-        return None
-    return local
+    if is_complete(local):
+        return local
+    logger.warning("checkpoint %s is incomplete (no COMPLETE marker); looking for an earlier one", ckpt.path)
+    return find_previous_complete_checkpoint(ckpt)
+
+
+def find_previous_complete_checkpoint(ckpt) -> Path | None:
+    """Newest sibling of ``ckpt`` in its run directory that has the COMPLETE marker (any pyarrow filesystem)."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    run_dir = ckpt.path.rstrip("/").rsplit("/", 1)[0]
+    infos = ckpt.filesystem.get_file_info(pafs.FileSelector(run_dir))
+    candidates = sorted(
+        (i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
+        reverse=True,  # Ray names checkpoints by timestamp
+    )
+    for path in candidates:
+        if path.rstrip("/") == ckpt.path.rstrip("/"):
+            continue
+        local = Path(Checkpoint(path=path, filesystem=ckpt.filesystem).to_directory())
+        if is_complete(local):
+            logger.warning("resuming from the earlier complete checkpoint %s", path)
+            return local
+    return None
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -457,6 +488,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"[dpo-ray] resuming from checkpoint at step {state.step}/{total_steps}", flush=True)
 
     writers = open_metric_writers(cfg, rank)
+    poller = StopPoller(cfg.run_name)
     eval_every = cfg.train.eval_every or total_steps
     ckpt_every = cfg.train.checkpoint_every or eval_every
     window = dict.fromkeys(("loss", "acc", "margin", "count"), 0.0)
@@ -503,7 +535,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         finite = finite and bool(torch.isfinite(grad_norm).item())
-        any_nonfinite = all_reduce_max(0.0 if finite else 1.0, device) > 0
+        nonfinite_flag, stop_flag = all_reduce_max_many([0.0 if finite else 1.0, float(poller.poll())], device)
+        any_nonfinite, stop_requested = nonfinite_flag > 0, stop_flag > 0
         state.batch_in_epoch += 1
         if any_nonfinite:
             optimizer.zero_grad(set_to_none=True)
@@ -530,6 +563,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         window["count"] += len(step_rows)
 
         is_last = state.step >= total_steps
+        if stop_requested and not is_last:
+            state.train_seconds = seconds_before + time.perf_counter() - segment_start
+            metrics = build_report_metrics(cfg, state, last_train, evaluate(stepper, eval_rows, cfg.train.micro_batch_size))
+            metrics["interrupted"] = True
+            full_state = gather_model_state(model, cfg)
+            report_with_checkpoint(metrics, write_checkpoint(final=False))
+            if rank == 0:
+                print(f"[dpo-ray] stop requested: checkpoint saved at step {state.step}/{total_steps}", flush=True)
+            reported_final = True
+            break
         if state.step % cfg.train.log_every == 0 or is_last:
             loss_s, acc_s, margin_s, count = all_reduce_sum([window["loss"], window["acc"], window["margin"], window["count"]], device)
             n = max(count, 1.0)

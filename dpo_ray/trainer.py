@@ -10,6 +10,7 @@ from typing import Any
 
 from dpo_ray.checkpointing import copy_model_dir
 from dpo_ray.config import Config, resolve_data_path
+from dpo_ray.interrupt import GracefulStop
 
 logger = logging.getLogger("dpo_ray")
 
@@ -159,16 +160,20 @@ def run_dpo(cfg: Config, callbacks=None, prepared=None, model_path: str | None =
         prepared = prepare_data(cfg, tokenizer_path=model_path, reference_model_path=ref_path)
     trainer = build_trainer(cfg, {"train": prepared.train, "eval": prepared.eval}, model_path,
                             pad_token_id(model_path, cfg), callbacks)
-    result = trainer.fit()
+    with GracefulStop([cfg.run_name]) as stopper:
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
     final_dir = ""
-    if result.checkpoint is not None:
+    interrupted = bool((result.metrics or {}).get("interrupted")) or stopper.signum is not None
+    if result.checkpoint is not None and not interrupted:
         with result.checkpoint.as_directory() as ckpt:
             final_dir = str(copy_model_dir(Path(ckpt) / "model", out / "final_model"))
             if cfg.model.lora.enabled and cfg.model.lora.save_adapter and (Path(ckpt) / "adapter").exists():
                 copy_model_dir(Path(ckpt) / "adapter", out / "final_adapter")
     summary = build_summary(cfg, result.metrics or {}, prepared, final_dir, time.perf_counter() - start,
                             result.checkpoint.path if result.checkpoint else None)
+    summary["interrupted"] = interrupted
+    summary["exit_code"] = stopper.exit_code
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -29,6 +29,10 @@ def main_train(argv: list[str] | None = None) -> dict:
     except (ConfigError, DataValidationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if summary["interrupted"]:
+        print(f"[dpo-ray] interrupted at step {summary['steps']}; checkpoint at {summary['checkpoint_path']}. "
+              "Run the same command again to resume.", file=sys.stderr)
+        raise SystemExit(summary["exit_code"] or 130)
     print("[dpo-ray] done:\n" + format_summary(summary))
     print(f"[dpo-ray] summary: {cfg.resolved_output_dir() / SUMMARY_FILE}")
     print(f"[dpo-ray] final model: {summary['final_model_dir']}")
