@@ -95,7 +95,7 @@ def build_prefix_sharing_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
     q = segment_ids.unsqueeze(2)  # [B, L, 1]
     k = segment_ids.unsqueeze(1)  # [B, 1, L]
-    visible = (k == SEG_PROMPT) | ((k == q) & (k != SEG_PAD))
+    visible = ((k == SEG_PROMPT) & (q != SEG_PAD)) | ((k == q) & (k != SEG_PAD))
     eye = torch.eye(length, dtype=torch.bool, device=segment_ids.device)
     mask = (causal & visible) | (eye & (q == SEG_PAD))
     return mask.unsqueeze(1)

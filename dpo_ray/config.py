@@ -231,6 +231,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; it is a float here
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         raise bad
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -265,14 +270,21 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value``: the value is parsed as YAML, except for string fields, which keep the raw text."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    return key.split("."), value
+    path = key.split(".")
+    if _field_type(Config, path) is str:
+        return path, raw
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config key '{key}': cannot parse {raw!r}: {exc}") from None
+    return path, value
 
 
 def _field_type(cls: type, path: list[str]) -> Any:
@@ -293,14 +305,6 @@ def _field_type(cls: type, path: list[str]) -> Any:
     return tp
 
 
-def _coerce_override(path: list[str], value: Any) -> Any:
-    """CLI values arrive as YAML scalars; a string field keeps the text even if it looks like a number."""
-    tp = _field_type(Config, path)
-    if tp is str and not isinstance(value, str) and value is not None and not isinstance(value, (dict, list)):
-        return str(value) if not isinstance(value, bool) else value
-    return value
-
-
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node = tree
     for name in path[:-1]:
@@ -317,7 +321,7 @@ def merge_overrides(base: dict[str, Any], overrides: list[str]) -> dict[str, Any
     tree = json.loads(json.dumps(base))
     for text in overrides:
         path, value = _parse_override(text)
-        _set_path(tree, path, _coerce_override(path, value))
+        _set_path(tree, path, value)
     return tree
 
 

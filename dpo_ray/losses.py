@@ -39,10 +39,11 @@ def compute_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask
     """
     shifted_logits = logits[:, :-1, :].float()
     targets = labels[:, 1:]
-    mask = loss_mask[:, 1:].to(shifted_logits.dtype)
-    safe_targets = torch.where(mask.bool(), targets, torch.zeros_like(targets))
+    mask = loss_mask[:, 1:].bool()
+    safe_targets = torch.where(mask, targets, torch.zeros_like(targets))
     token_logps = torch.log_softmax(shifted_logits, dim=-1).gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(dim=-1)
+    # where, not a product: a non-finite logit at a masked position must not leak into the sum
+    return torch.where(mask, token_logps, torch.zeros_like(token_logps)).sum(dim=-1)
 
 
 def compute_token_logps_chunked(

@@ -17,6 +17,9 @@ from typing import Iterable
 from dpo_ray.config import TinyModelSettings
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+# Qwen2's tokenizer class always adds <|endoftext|>; giving it an id inside the vocabulary keeps every
+# id the loaded tokenizer can emit inside the model's embedding.
+QWEN_ENDOFTEXT = "<|endoftext|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 
 # A minimal chat template so conversational data works with the tiny model, the same way it does with
@@ -45,7 +48,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
+        special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS, QWEN_ENDOFTEXT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
