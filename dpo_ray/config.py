@@ -121,6 +121,7 @@ class TrainSettings:
     strategy: str = "ddp"  # ddp | fsdp
     prefix_sharing: bool = True  # [prompt|chosen|rejected] in one row: the prompt runs once
     length_bucketing: bool = True  # batch pairs of similar length: little padding
+    response_only_logits: bool = True  # output head on response positions only, chunked: no [T x V] fp32 logits
     logits_chunk_size: int = 1024  # response positions per chunk of the chunked log-softmax
     skip_nonfinite: bool = False  # skip a batch whose loss or gradient is not finite instead of failing
 

@@ -53,6 +53,16 @@ def load_causal_lm(
     return model.to(device)
 
 
+def enable_activation_checkpointing(lm: nn.Module) -> None:
+    """Recompute decoder-layer activations in backward (non-reentrant, so DDP and LoRA work)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    lm.config.use_cache = False
+
+
 def unwrap_base_model(lm: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (LoRA layers stay injected in it)."""
     return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
@@ -61,22 +71,36 @@ def unwrap_base_model(lm: nn.Module) -> nn.Module:
 class PairLogProbs(nn.Module):
     """Summed response log-probs of chosen and rejected for each pair.
 
-    With ``prefix_sharing`` the prompt runs once per pair and only response positions go through the
-    output head, in chunks of ``chunk_size``; without it, two padded rows per pair go through the full
-    model and logits (the plain path, kept for equivalence tests and odd architectures).
+    Two independent switches, each numerically equivalent to the plain path in fp32:
+    ``prefix_sharing`` runs the prompt once per pair (``[prompt | chosen | rejected]`` rows) instead of
+    two padded rows per pair; ``response_only`` sends only the hidden states that predict response
+    tokens through the output head, ``chunk_size`` rows at a time, instead of materializing
+    ``[B, T, V]`` logits for every position.
     """
 
-    def __init__(self, lm: nn.Module, prefix_sharing: bool = True, chunk_size: int = 1024):
+    def __init__(self, lm: nn.Module, prefix_sharing: bool = True, chunk_size: int = 1024, response_only: bool = True):
         super().__init__()
         self.lm = lm
         self.prefix_sharing = prefix_sharing
         self.chunk_size = chunk_size
+        self.response_only = response_only
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``batch`` from :func:`build_pair_batch`; returns ([B] chosen logps, [B] rejected logps)."""
         if "segment_ids" in batch:
             return self._forward_prefix_sharing(batch)
         return self._forward_separate(batch)
+
+    def _token_logps(self, hidden: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, targets: torch.Tensor):
+        """[N] log p(targets) predicted by ``hidden[rows, pos]``; hidden is [B, L, H]."""
+        head = unwrap_base_model(self.lm).get_output_embeddings()
+        if self.response_only:
+            return compute_token_logps_chunked(hidden[rows, pos], targets, head, self.chunk_size)
+        logps = torch.log_softmax(head(hidden).float(), dim=-1)  # [B, L, V]: the plain, memory-hungry path
+        return logps[rows, pos, targets]
+
+    def _decode(self, **inputs) -> torch.Tensor:
+        return unwrap_base_model(self.lm).get_decoder()(**inputs, use_cache=False).last_hidden_state
 
     def _forward_prefix_sharing(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         base = unwrap_base_model(self.lm)
@@ -85,25 +109,27 @@ class PairLogProbs(nn.Module):
             # eager attention adds the mask to the scores: turn "allowed" into 0 / dtype-min
             dtype = next(base.parameters()).dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        hidden = base.get_decoder()(
-            input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False
-        ).last_hidden_state  # [B, L, H]
-        picked = hidden[batch["target_batch"], batch["target_pos"]]  # [N, H]
-        token_logps = compute_token_logps_chunked(
-            picked, batch["target_ids"], base.get_output_embeddings(), self.chunk_size
-        )
+        hidden = self._decode(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"])
+        token_logps = self._token_logps(hidden, batch["target_batch"], batch["target_pos"], batch["target_ids"])
         seq = sum_by_segment(token_logps, batch["target_seq"], 2 * batch["input_ids"].shape[0])
         seq = seq.view(-1, 2)
         return seq[:, 0], seq[:, 1]
 
     def _forward_separate(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.lm(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            use_cache=False,
-        ).logits
-        logps = compute_sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+        if self.response_only:
+            hidden = self._decode(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  position_ids=batch["position_ids"])
+            rows, pos = batch["loss_mask"][:, 1:].nonzero(as_tuple=True)  # token pos+1 is predicted at pos
+            token_logps = self._token_logps(hidden, rows, pos, batch["input_ids"][rows, pos + 1])
+            logps = sum_by_segment(token_logps, rows, batch["input_ids"].shape[0])
+        else:
+            logits = self.lm(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+                use_cache=False,
+            ).logits
+            logps = compute_sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
         half = logps.shape[0] // 2
         return logps[:half], logps[half:]
 
@@ -132,12 +158,13 @@ def score_pairs(
     prefix_sharing: bool = True,
     chunk_size: int = 1024,
     device: torch.device | str = "cpu",
+    response_only: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """([B] chosen, [B] rejected) summed response log-probs under ``lm`` in eval mode, no grad."""
     was_training = lm.training
     lm.eval()
     try:
-        scorer = PairLogProbs(lm, prefix_sharing=prefix_sharing, chunk_size=chunk_size)
+        scorer = PairLogProbs(lm, prefix_sharing=prefix_sharing, chunk_size=chunk_size, response_only=response_only)
         chosen, rejected = scorer(build_pair_batch(pairs, pad_id, prefix_sharing, device))
     finally:
         lm.train(was_training)

@@ -41,7 +41,14 @@ from dpo_ray.losses import (
     compute_pair_accuracy,
     compute_pair_accuracy_strict,
 )
-from dpo_ray.modeling import PairLogProbs, build_pair_batch, disabled_adapter, load_causal_lm, resolve_dtype
+from dpo_ray.modeling import (
+    PairLogProbs,
+    build_pair_batch,
+    disabled_adapter,
+    enable_activation_checkpointing,
+    load_causal_lm,
+    resolve_dtype,
+)
 
 logger = logging.getLogger("dpo_ray")
 
@@ -116,8 +123,7 @@ def build_policy(cfg: Config, model_path: str, device: torch.device, ckpt_dir: P
         trust_remote_code=cfg.model.trust_remote_code,
     )
     if cfg.model.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        lm.config.use_cache = False
+        enable_activation_checkpointing(lm)
     if cfg.model.lora.enabled:
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -243,7 +249,8 @@ class DPOStepper:
                 with disabled_adapter(self.scorer.lm):
                     chosen, rejected = self.scorer(batch)
             else:
-                ref_scorer = PairLogProbs(self.ref_lm, self.cfg.train.prefix_sharing, self.cfg.train.logits_chunk_size)
+                ref_scorer = PairLogProbs(self.ref_lm, self.cfg.train.prefix_sharing, self.cfg.train.logits_chunk_size,
+                                          self.cfg.train.response_only_logits)
                 chosen, rejected = ref_scorer(batch)
         return chosen.float(), rejected.float()
 
@@ -474,7 +481,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     ckpt_dir = latest_complete_checkpoint()
     lm = build_policy(cfg, model_path, device, ckpt_dir)
-    scorer = PairLogProbs(lm, cfg.train.prefix_sharing, cfg.train.logits_chunk_size)
+    scorer = PairLogProbs(lm, cfg.train.prefix_sharing, cfg.train.logits_chunk_size, cfg.train.response_only_logits)
     model = wrap_model(cfg, scorer)
     ref_lm = build_reference(cfg, model_path, device) if cfg.dpo.reference == "model" else None
     stepper = DPOStepper(cfg, model, scorer, ref_lm, pad_id, device)
