@@ -24,11 +24,28 @@ def init_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     runtime_env = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}}
     if os.environ.get("RAY_ADDRESS"):
+        enable_token_auth_when_available()
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus, runtime_env=runtime_env)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
+
+
+def enable_token_auth_when_available() -> None:
+    """Send the cluster token when one is at hand (~/.ray/auth_token, RAY_AUTH_TOKEN[_PATH]).
+
+    Ray 2.60 turns token mode on by itself for a new local instance, but not for a client that joins an
+    existing cluster by explicit address; without it such a client is refused by a token-auth cluster.
+    An explicit RAY_AUTH_MODE is left as it is.
+    """
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # another Ray version: RAY_AUTH_MODE=token must be set by hand
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def check_cluster_resources(cfg: Config) -> None:

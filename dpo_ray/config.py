@@ -84,7 +84,7 @@ class DataSettings:
     column_map: dict[str, str] = field(default_factory=dict)  # e.g. {question: prompt, good: chosen}
     eval_fraction: float = 0.1  # held-out share when no eval file is given
     split_seed: int = 1234  # the held-out split depends on this seed only, not on workers
-    max_length: int = 512  # TRL's max_length: prompt + one response, in tokens
+    max_length: int = 1024  # TRL's default; HH prompts are long (at 512, 3% of the bundled rows exceed it)
     max_prompt_length: int = 0  # 0 = max_length // 2; prompts are cut from the start down to this
     max_invalid_fraction: float = 0.01  # stop before training when more rows than this are unusable
     cache_dir: str = ""  # tokenized data + reference log-probs; empty = <output_dir>/../cache

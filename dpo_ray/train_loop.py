@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -415,6 +416,15 @@ def find_previous_complete_checkpoint(ckpt) -> Path | None:
 # ------------------------------------------------------------------------------------ the loop
 
 
+def say(message: str) -> None:
+    """One line to the worker's stdout, which Ray forwards to the driver and the job log.
+
+    Not ``print``: Ray Train patches print into its logger, and the line then shows up twice.
+    """
+    sys.stdout.write(f"[dpo-ray] {message}\n")
+    sys.stdout.flush()
+
+
 def format_progress(step: int, total: int, metrics: dict[str, float], pairs_per_s: float, eta_s: float) -> str:
     eta = time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0)))
     return (
@@ -465,6 +475,7 @@ def seed_everything(seed: int) -> None:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. ``loop_config`` = {cfg: Config dict, model_path, tokenizer_path, pad_id}."""
     cfg = config_from_dict(loop_config["cfg"])
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one progress line per interval, not Ray's dicts
     model_path, tokenizer_path, pad_id = loop_config["model_path"], loop_config["tokenizer_path"], loop_config["pad_id"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -473,8 +484,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     seed_everything(cfg.train.seed)
 
-    train_rows = collect_shard_rows(ray.train.get_dataset_shard("train"))
-    eval_rows = collect_shard_rows(ray.train.get_dataset_shard("eval"))
+    train_rows = collect_shard_rows(ray.train.get_dataset_shard(f"train_{rank}"))  # cut on the driver
+    eval_rows = collect_shard_rows(ray.train.get_dataset_shard(f"eval_{rank}"))
     pairs_per_step = max(1, cfg.train.batch_size // max(world, 1))
     steps_per_epoch = math.ceil(len(train_rows) / pairs_per_step)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
@@ -492,7 +503,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if ckpt_dir is not None:
         state = load_training_state(ckpt_dir, optimizer, scheduler)
         if rank == 0:
-            print(f"[dpo-ray] resuming from checkpoint at step {state.step}/{total_steps}", flush=True)
+            say(f"resuming from checkpoint at step {state.step}/{total_steps}")
 
     writers = open_metric_writers(cfg, rank)
     poller = StopPoller(cfg.run_name)
@@ -577,7 +588,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             full_state = gather_model_state(model, cfg)
             report_with_checkpoint(metrics, write_checkpoint(final=False))
             if rank == 0:
-                print(f"[dpo-ray] stop requested: checkpoint saved at step {state.step}/{total_steps}", flush=True)
+                say(f"stop requested: checkpoint saved at step {state.step}/{total_steps}")
             reported_final = True
             break
         if state.step % cfg.train.log_every == 0 or is_last:
@@ -589,7 +600,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             pps = state.pairs_seen / max(state.train_seconds, 1e-9)
             if rank == 0:
                 eta = (total_steps - state.step) * state.train_seconds / max(state.step, 1)
-                print("[dpo-ray] " + format_progress(state.step, total_steps, last_train, pps, eta), flush=True)
+                say(format_progress(state.step, total_steps, last_train, pps, eta))
                 log_metrics(writers, {"train/loss": last_train["loss"], "train/accuracy": last_train["acc"],
                                       "train/margin": last_train["margin"], "train/pairs_per_second": pps,
                                       "train/lr": scheduler.get_last_lr()[0]}, state.step)
@@ -601,9 +612,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             reported_final = is_last
             log_metrics(writers, {k: v for k, v in metrics.items() if k.startswith("eval_")}, state.step)
             if rank == 0:
-                print(f"[dpo-ray] eval at step {state.step}: accuracy {metrics['eval_accuracy']:.4f} "
+                say(f"eval at step {state.step}: accuracy {metrics['eval_accuracy']:.4f} "
                       f"(strict {metrics['eval_accuracy_strict']:.4f}), loss {metrics['eval_loss']:.4f}, "
-                      f"margin {metrics['eval_reward_margin']:.4f}", flush=True)
+                      f"margin {metrics['eval_reward_margin']:.4f}")
             segment_start = time.perf_counter()
             seconds_before = state.train_seconds
 

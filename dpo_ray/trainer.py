@@ -17,29 +17,27 @@ logger = logging.getLogger("dpo_ray")
 SUMMARY_FILE = "summary.json"
 
 
-class DeterministicSplitDataConfig:
-    """Factory for a ``ray.train.DataConfig`` that shards train and eval the same way on every run.
+def split_for_workers(datasets: dict[str, Any], num_workers: int) -> dict[str, Any]:
+    """Cut each dataset into one materialized shard per worker, on the driver, before training starts.
 
     Ray's default ``streaming_split`` hands blocks to whichever worker asks first, so the rows a worker
-    sees change from run to run; that breaks exact resume and seeded determinism. The datasets here are
-    materialized, so ``Dataset.split`` cuts them by row order instead: train into equal shards (every
-    worker takes the same number of steps), eval into shards that together hold every row once.
+    sees change from run to run; that breaks exact resume and seeded determinism. ``Dataset.split`` cuts
+    by row order instead: train into equal shards (every worker takes the same number of steps; the at
+    most ``num_workers - 1`` rows left over are logged), eval into shards that together hold every row
+    once. Splitting here, while no worker holds a CPU, also keeps the split tasks from waiting on CPUs
+    that the training workers have reserved. Worker ``r`` reads ``<name>_<r>``.
     """
-
-    @staticmethod
-    def build():
-        from ray.train import DataConfig
-
-        class _Config(DataConfig):
-            def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-                output = [{} for _ in range(world_size)]
-                for name, ds in datasets.items():
-                    shards = ds.split(world_size, equal=(name == "train"))
-                    for rank, shard in enumerate(shards):
-                        output[rank][name] = shard.iterator()
-                return output
-
-        return _Config(datasets_to_split=["train", "eval"])
+    shards: dict[str, Any] = {}
+    n = max(num_workers, 1)
+    for name, ds in datasets.items():
+        parts = ds.split(n, equal=(name == "train"))
+        if name == "train":
+            left_over = ds.count() - sum(p.count() for p in parts)
+            if left_over:
+                logger.info("train: %d pair(s) left over by the equal split over %d workers", left_over, n)
+        for rank, part in enumerate(parts):
+            shards[f"{name}_{rank}"] = part
+    return shards
 
 
 def prepare_model_path(cfg: Config) -> str:
@@ -65,7 +63,7 @@ def write_resolved_config(cfg: Config) -> Path:
 
 def build_trainer(cfg: Config, datasets: dict[str, Any], model_path: str, pad_id: int, callbacks=None):
     """A TorchTrainer for ``cfg``; the same run name and storage path resume from the latest checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from dpo_ray.train_loop import train_loop_per_worker
@@ -90,8 +88,9 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], model_path: str, pad_id
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             callbacks=callbacks,
         ),
-        datasets=datasets,
-        dataset_config=DeterministicSplitDataConfig.build(),
+        datasets=split_for_workers(datasets, cfg.scaling.num_workers),
+        # Each worker reads its own pre-cut shard ("train_<rank>"), so nothing is split again here.
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
 
 

@@ -1,0 +1,253 @@
+"""Ray Tune sweeps: search space, trial configs, and whole small sweeps on the shared Ray instance.
+
+The slow tests run real sweeps (tiny model, 4 steps, 1 worker per trial, one trial at a time):
+* three trials, one of which fails: outputs, the failed trial recorded as ERROR, one reference pass;
+* an interrupted sweep (SIGTERM to ``workflows/sweep.py`` in a subprocess on the same cluster) resumes
+  through the same command without redoing its finished trial, and reuses the cached reference pass.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpo_ray.config import ConfigError, config_from_dict
+from dpo_ray import sweep as sweep_mod
+
+REPO = Path(__file__).resolve().parent.parent
+
+BASE_COLUMNS = ["trial_id", "beta", "learning_rate", "eval_accuracy", "eval_loss", "eval_reward_margin", "steps",
+                "status"]
+
+
+def build_sweep_dict(model_dir: str, cache_dir: Path, output_dir: Path, **sweep) -> dict:
+    """A small sweep: tiny model, 32 train pairs, 4 steps with an evaluation every 2, one worker per trial."""
+    return {
+        "model": {"name_or_path": model_dir},
+        "data": {"cache_dir": str(cache_dir), "limit": 32, "max_length": 256, "eval_fraction": 0.05,
+                 "max_invalid_fraction": 0.5},
+        "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 4, "eval_every": 2, "log_every": 2},
+        "scaling": {"num_workers": 1, "max_failures": 0},
+        "sweep": {"num_samples": 1, "max_concurrent_trials": 1, "seed": 7, **sweep},
+        "output_dir": str(output_dir),
+    }
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def wait_for_free_cpus(ray, expected: float, timeout_s: float = 60.0) -> float:
+    """Available CPUs once they return to ``expected`` (or whatever they are at the deadline)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free >= expected - 1e-6 or time.monotonic() > deadline:
+            return free
+        time.sleep(1.0)
+
+
+# ------------------------------------------------------------------------------------ fast tests
+
+
+def test_param_space_searches_beta_and_lr_log_uniformly_and_grids_extra_keys():
+    from ray.tune.search.sample import Float
+
+    cfg = config_from_dict({"sweep": {"beta_min": 0.01, "beta_max": 0.4, "lr_min": 1e-5, "lr_max": 1e-3,
+                                      "extra": {"train.warmup_steps": [0, 5]}}})
+    space = sweep_mod.build_param_space(cfg)
+    assert set(space) == {"dpo.beta", "train.learning_rate", "train.warmup_steps"}
+    beta, lr = space["dpo.beta"], space["train.learning_rate"]
+    assert isinstance(beta, Float) and (beta.lower, beta.upper) == (0.01, 0.4)
+    assert type(beta.get_sampler()).__name__ == "_LogUniform"
+    assert (lr.lower, lr.upper) == (1e-5, 1e-3) and type(lr.get_sampler()).__name__ == "_LogUniform"
+    assert space["train.warmup_steps"] == {"grid_search": [0, 5]}
+    assert sweep_mod.count_trials(cfg) == cfg.sweep.num_samples * 2
+
+
+def test_param_space_grids_beta_when_asked():
+    cfg = config_from_dict({"sweep": {"beta_search": "grid", "beta_grid": [0.1, 0.3], "num_samples": 2}})
+    assert sweep_mod.build_param_space(cfg)["dpo.beta"] == {"grid_search": [0.1, 0.3]}
+    assert sweep_mod.count_trials(cfg) == 4  # each grid point with 2 sampled learning rates
+
+
+def test_trial_config_applies_sampled_keys_and_gets_its_own_output_dir(tmp_path):
+    base = config_from_dict({"output_dir": str(tmp_path / "sweep"), "storage_path": ""}).to_dict()
+    cfg = sweep_mod.build_trial_config(base, {"dpo.beta": 0.37, "train.learning_rate": 2e-4, "model.lora.r": 4},
+                                       "abc_00001", str(tmp_path / "sweep"), str(tmp_path / "cache"))
+    assert cfg.dpo.beta == 0.37 and cfg.train.learning_rate == 2e-4 and cfg.model.lora.r == 4
+    assert cfg.run_name == "abc_00001"
+    assert cfg.resolved_output_dir() == (tmp_path / "sweep" / "trials" / "abc_00001").resolve()
+    assert cfg.resolved_cache_dir() == (tmp_path / "cache").resolve()
+    assert cfg.resolved_storage_path() == str(cfg.resolved_output_dir() / "ray_results")
+
+
+def test_extra_keys_that_change_shared_preparation_or_have_invalid_values_are_rejected():
+    with pytest.raises(ConfigError, match="sweep.extra.data.max_length"):
+        sweep_mod.validate_sweep_keys(config_from_dict({"sweep": {"extra": {"data.max_length": [128, 256]}}}))
+    with pytest.raises(ConfigError, match="sweep.extra.dpo.reference"):
+        sweep_mod.validate_sweep_keys(config_from_dict({"sweep": {"extra": {"dpo.reference": ["model"]}}}))
+    with pytest.raises(ConfigError, match="train.max_grad_norm"):
+        sweep_mod.validate_sweep_keys(config_from_dict({"sweep": {"extra": {"train.max_grad_norm": [1.0, -1.0]}}}))
+    sweep_mod.validate_sweep_keys(config_from_dict({"sweep": {"extra": {"dpo.loss_type": ["sigmoid", "ipo"]}}}))
+
+
+def test_best_trial_is_the_most_accurate_one_that_finished_training():
+    rows = [
+        {"trial_id": "a", "eval_accuracy": 0.9, "eval_loss": 0.5, "final_model_dir": "", "status": "TERMINATED"},
+        {"trial_id": "b", "eval_accuracy": 0.7, "eval_loss": 0.6, "final_model_dir": "/b", "status": "TERMINATED"},
+        {"trial_id": "c", "eval_accuracy": 0.7, "eval_loss": 0.4, "final_model_dir": "/c", "status": "TERMINATED"},
+        {"trial_id": "d", "eval_accuracy": None, "eval_loss": None, "final_model_dir": "", "status": "ERROR"},
+    ]
+    assert sweep_mod.select_best_row(rows)["trial_id"] == "c"  # a was stopped early; c beats b on loss
+    assert sweep_mod.select_best_row(rows[3:]) is None
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    cfg = config_from_dict({"output_dir": str(tmp_path / "sweep")})
+    cfg.resolved_output_dir().mkdir(parents=True)
+    (cfg.resolved_output_dir() / sweep_mod.SWEEP_CONFIG_FILE).write_text(cfg.to_yaml())
+    sweep_mod.check_resume_matches(cfg)
+    changed = config_from_dict({"output_dir": str(tmp_path / "sweep"), "sweep": {"num_samples": 9}})
+    with pytest.raises(ConfigError, match="sweep.num_samples"):
+        sweep_mod.check_resume_matches(changed)
+
+
+def test_concurrent_trials_that_could_never_get_workers_are_refused(ray_session):
+    # 8 trials x 0.25 CPU would hold both CPUs of the session cluster: no trial's worker could start.
+    cfg = config_from_dict({"scaling": {"num_workers": 1}, "sweep": {"num_samples": 8, "max_concurrent_trials": 8}})
+    with pytest.raises(ConfigError, match="sweep.max_concurrent_trials"):
+        sweep_mod.check_sweep_resources(cfg)
+    sweep_mod.check_sweep_resources(config_from_dict({"scaling": {"num_workers": 1},
+                                                      "sweep": {"max_concurrent_trials": 2}}))
+
+
+# ------------------------------------------------------------------------------------ whole sweeps
+
+
+@pytest.fixture(scope="module")
+def sweep_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sweeps")
+    return {"cache": root / "cache", "first": root / "first", "resumed": root / "resumed"}
+
+
+@pytest.fixture(scope="module")
+def first_sweep(ray_session, tiny_model_dir, sweep_dirs) -> dict:
+    """Three trials, one at a time; the third asks for an attention implementation that does not exist."""
+    data = build_sweep_dict(tiny_model_dir, sweep_dirs["cache"], sweep_dirs["first"],
+                            extra={"model.attn_implementation": ["sdpa", "eager", "no_such_attention"]})
+    cfg = config_from_dict(data)
+    start = time.perf_counter()
+    summary = sweep_mod.run_sweep(cfg)
+    return {"cfg": cfg, "summary": summary, "seconds": time.perf_counter() - start,
+            "free_cpus": wait_for_free_cpus(ray_session, ray_session.cluster_resources()["CPU"])}
+
+
+@pytest.mark.slow
+def test_sweep_runs_more_trials_than_fit_at_once_and_writes_its_outputs(first_sweep):
+    from transformers import AutoModelForCausalLM
+
+    out = first_sweep["cfg"].resolved_output_dir()
+    summary = first_sweep["summary"]
+    rows = read_rows(out / "results.csv")
+    assert len(rows) == 3 and summary["num_trials"] == 3 and not summary["interrupted"]
+    assert set(BASE_COLUMNS + ["model.attn_implementation"]) <= set(rows[0])
+    assert len({r["trial_id"] for r in rows}) == 3
+    finished = [r for r in rows if r["status"] == "TERMINATED"]
+    assert len(finished) == 2
+    for r in finished:
+        assert 0.0 <= float(r["eval_accuracy"]) <= 1.0
+        assert 0.02 <= float(r["beta"]) <= 0.5 and 1e-4 <= float(r["learning_rate"]) <= 3e-3
+        assert int(r["steps"]) >= 2
+
+    best = json.loads((out / "best.json").read_text())
+    assert best["trial_id"] in {r["trial_id"] for r in finished}
+    assert best["metrics"]["eval_accuracy"] == max(float(r["eval_accuracy"]) for r in finished if r["final_model_dir"])
+    assert best["config"]["dpo"]["beta"] == best["sampled"]["dpo.beta"]
+    assert best["config"]["run_name"] == best["trial_id"]
+    assert best["reference_passes"] == 1 and summary["reference_passes"] == 1
+    assert summary["reference_passes_total"] == 1 and summary["invocations"] == 1
+    assert best["wall_seconds"] > 0 and best["trial_train_seconds_sum"] > 0
+    assert (out / "sweep_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = AutoModelForCausalLM.from_pretrained(out / "best_model")
+    assert model.config.num_hidden_layers == 2
+    assert json.loads((out / "sweep_summary.json").read_text())["best"]["trial_id"] == best["trial_id"]
+
+
+@pytest.mark.slow
+def test_failed_trial_is_recorded_as_error_and_the_others_finish(first_sweep):
+    rows = read_rows(first_sweep["cfg"].resolved_output_dir() / "results.csv")
+    failed = [r for r in rows if r["status"] == "ERROR"]
+    assert [r["model.attn_implementation"] for r in failed] == ["no_such_attention"]
+    assert "no_such_attention" in failed[0]["error"]
+    assert first_sweep["summary"]["statuses"]["ERROR"] == 1
+    assert all(r["status"] == "TERMINATED" for r in rows if r["model.attn_implementation"] != "no_such_attention")
+
+
+@pytest.mark.slow
+def test_sweep_gives_back_every_cpu_when_it_ends(first_sweep, ray_session):
+    assert first_sweep["free_cpus"] == pytest.approx(ray_session.cluster_resources()["CPU"])
+
+
+def find_started_trials(trials_dir: Path) -> list[Path]:
+    return sorted(p.parent for p in trials_dir.glob("*/config.yaml"))
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_with_the_same_command_without_redoing_finished_trials(
+        first_sweep, ray_session, tiny_model_dir, sweep_dirs, tmp_path):
+    out = sweep_dirs["resumed"]
+    config_path = tmp_path / "sweep.yaml"
+    config_path.write_text(yaml.safe_dump(build_sweep_dict(tiny_model_dir, sweep_dirs["cache"], out, num_samples=2,
+                                                           asha=False)))
+    argv = ["--config", str(config_path)]
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    log_path = tmp_path / "interrupted.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "workflows/sweep.py", *argv], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 400
+            while len(find_started_trials(out / "trials")) < 2:  # the second trial starts after the first ended
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the second trial never started"
+                time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)  # handled like Ctrl-C: Tune saves its state
+            proc.wait(timeout=180)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    output = log_path.read_text()
+    assert proc.returncode == 130, output[-3000:]
+    assert "run the same command again to resume" in output
+    interrupted = json.loads((out / "sweep_summary.json").read_text())
+    assert interrupted["interrupted"] and interrupted["reference_passes"] == 0  # cache from the first sweep
+
+    first, second = find_started_trials(out / "trials")
+    assert (first / "summary.json").exists() and not (second / "summary.json").exists()
+    first_mtime = (first / "summary.json").stat().st_mtime_ns
+    first_result_lines = len((out / "ray_results" / "sweep" / first.name / "result.json").read_text().splitlines())
+
+    summary = sweep_mod.main_sweep(argv)  # the same command, in this process (same cluster)
+
+    assert summary["resumed"] and not summary["interrupted"]
+    assert summary["reference_passes"] == 0 and summary["reference_passes_total"] == 0
+    assert summary["invocations"] == 2
+    rows = read_rows(out / "results.csv")
+    assert sorted(r["trial_id"] for r in rows) == sorted([first.name, second.name])
+    assert all(r["status"] == "TERMINATED" and r["final_model_dir"] for r in rows)
+    assert (first / "summary.json").stat().st_mtime_ns == first_mtime  # the finished trial did not run again
+    assert len((out / "ray_results" / "sweep" / first.name / "result.json").read_text().splitlines()) == \
+        first_result_lines
+    assert (second / "summary.json").exists()
+    assert (out / "best_model" / "config.json").exists()
