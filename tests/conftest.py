@@ -35,6 +35,15 @@ def hh_rows() -> list[dict]:
 
 
 @pytest.fixture(scope="session")
+def short_hh_rows(hh_rows) -> list[dict]:
+    """Clean, short HH pairs (under 600 characters, a non-empty final turn) for quick training runs."""
+    def usable(row: dict) -> bool:
+        return all(len(row[k]) < 600 and not row[k].rstrip().endswith("Assistant:") for k in ("chosen", "rejected"))
+
+    return [r for r in hh_rows if usable(r)]
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, hh_rows) -> str:
     """A tiny Llama (2 layers, 64 wide) with a tokenizer trained on the bundled HH sample."""
     from dpo_ray.config import TinyModelSettings

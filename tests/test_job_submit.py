@@ -62,9 +62,9 @@ def wait_for_job_server(address: str, timeout: float = 120) -> None:
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_train_and_writes_the_summary(tmp_path, tiny_model_dir, hh_rows):
+def test_ray_job_submit_runs_train_and_writes_the_summary(tmp_path, tiny_model_dir, short_hh_rows):
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in hh_rows[:64]))
+    data.write_text("".join(json.dumps(r) + "\n" for r in short_hh_rows[:64]))
     out = tmp_path / "job-out"
     model_copy = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_copy)

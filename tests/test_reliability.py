@@ -23,9 +23,9 @@ EVAL_KEYS = ("eval_accuracy", "eval_accuracy_strict", "eval_loss", "eval_reward_
 
 
 @pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory, hh_rows) -> str:
+def pairs_file(tmp_path_factory, short_hh_rows) -> str:
     path = tmp_path_factory.mktemp("data") / "hh128.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in hh_rows[:128]))
+    path.write_text("".join(json.dumps(r) + "\n" for r in short_hh_rows[:128]))
     return str(path)
 
 

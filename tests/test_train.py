@@ -19,11 +19,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory, hh_rows) -> str:
+def pairs_file(tmp_path_factory, short_hh_rows) -> str:
     """96 HH pairs in the implicit-prompt format, as users bring them."""
     path = tmp_path_factory.mktemp("data") / "hh96.jsonl"
     with open(path, "w") as f:
-        for row in hh_rows[:96]:
+        for row in short_hh_rows[:96]:
             f.write(json.dumps(row) + "\n")
     return str(path)
 
@@ -86,7 +86,7 @@ def test_full_finetune_exports_a_model_that_reproduces_eval_accuracy(ray_session
     saved = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
     assert saved["eval_accuracy"] == summary["eval_accuracy"]
     assert Path(summary["final_model_dir"], "model.safetensors").exists()
-    assert score_eval_accuracy(summary["final_model_dir"], prepared, cfg) == pytest.approx(summary["eval_accuracy"], abs=1e-9)
+    assert score_eval_accuracy(summary["final_model_dir"], prepared, cfg) == pytest.approx(summary["eval_accuracy"], abs=1e-6)
 
 
 @pytest.mark.slow
@@ -99,7 +99,7 @@ def test_lora_uses_the_adapterless_base_as_reference_and_exports_merged(ray_sess
     assert (Path(cfg.output_dir) / "final_adapter" / "adapter_config.json").exists()
     assert summary["steps"] == 4
     # The adapter-off base gives the same reference log-probs as the precomputed pass, so accuracy reproduces.
-    assert score_eval_accuracy(str(final), prepared, cfg) == pytest.approx(summary["eval_accuracy"], abs=1e-9)
+    assert score_eval_accuracy(str(final), prepared, cfg) == pytest.approx(summary["eval_accuracy"], abs=1e-6)
 
 
 @pytest.mark.slow
