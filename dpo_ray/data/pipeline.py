@@ -362,8 +362,13 @@ def prepare_data(cfg: Config, tokenizer_path: str, reference_model_path: str | N
         DataValidationError: a missing source, an empty dataset or split, or more unusable rows than
             ``data.max_invalid_fraction`` (the report names the files, reasons and example rows).
     """
+    import ray
+
     from dpo_ray.modeling import load_tokenizer
 
+    # Blocks in input order, not completion order: the per-worker shards, and so the training batches
+    # and the eval reduction order, are then the same on every run (seeded determinism, exact resume).
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     sources = resolve_sources(cfg)
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
     pairs, report, data_dir, key = load_or_build_pairs(cfg, sources, tokenizer_path, tokenizer)
