@@ -212,7 +212,7 @@ def test_config_from_dict_validates():
         (["dpo.label_smoothing=-0.1"], "dpo.label_smoothing"),
         (["dpo.rpo_alpha=-1"], "dpo.rpo_alpha"),
         (["data.max_length=4"], "data.max_length"),
-        (["data.max_prompt_length=600"], "data.max_prompt_length"),
+        (["data.max_prompt_length=1100"], "data.max_prompt_length"),
         (["dpo.reference=adapter"], "dpo.reference"),
         (["dpo.reference=teacher"], "dpo.reference"),
         (["train.batch_size=15", "scaling.num_workers=2"], "train.batch_size"),
