@@ -15,7 +15,7 @@ watches the subprocess tree. What it prints, per side:
 * peak memory: the largest sum, over the subprocess and all its descendants (for dpo-ray: the driver, Ray's
   GCS, raylet, dashboard and agents, idle workers, Ray Data actors and the Ray Train workers), of their
   resident set sizes (RSS), sampled every 0.2 s; the same sum of PSS (shared pages split between the
-  processes that map them, sampled every 1 s); and the peak RSS of the training process(es) alone;
+  processes that map them, sampled every 2 s); and the peak RSS of the training process(es) alone;
 * the per-step DPO losses: step 1 (computed before any update: ln 2 for both) and the mean over each
   quarter of the run.
 
@@ -224,7 +224,7 @@ class TreeMonitor(threading.Thread):
     samples (listing walks all of /proc). With ``gpu``, the GPU memory of the tree's processes from nvidia-smi.
     """
 
-    def __init__(self, root_pid: int, is_train, interval: float = 0.2, pss_every: int = 5, rescan_every: int = 5,
+    def __init__(self, root_pid: int, is_train, interval: float = 0.2, pss_every: int = 10, rescan_every: int = 5,
                  gpu: bool = False):
         super().__init__(daemon=True)
         self.root = psutil.Process(root_pid)
@@ -649,7 +649,7 @@ def print_report(args, sides: list[dict], pairs: PairSet, facts: dict, gpu_peak:
     print("Peak memory, what is counted: RSS = resident pages of each process in the subprocess tree, summed at each "
           f"{args.sample_interval:g} s sample (shared pages - libtorch, Ray's object store - count once per process "
           "that maps them); PSS = the same with shared pages split among the processes, sampled every "
-          f"{5 * args.sample_interval:g} s; training proc. = the Ray Train worker process(es) for dpo-ray, the one "
+          f"{10 * args.sample_interval:g} s; training proc. = the Ray Train worker process(es) for dpo-ray, the one "
           "process for TRL. ru_maxrss = the training process's own peak RSS.")
     top = sorted(sides[0]["run"].monitor.peak_rss_breakdown, key=lambda x: -x[1])
     print("  dpo-ray processes at its RSS peak (t = %.1f s): " % sides[0]["run"].monitor.peak_rss_at

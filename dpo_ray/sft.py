@@ -32,8 +32,6 @@ import torch
 
 from dpo_ray.config import Config, config_from_dict
 
-logger = logging.getLogger("dpo_ray")
-
 SFT_SCHEMA = pa.schema(
     [
         ("row_id", pa.string()),
@@ -210,6 +208,28 @@ def evaluate_sft(lm: torch.nn.Module, examples: Sequence[SFTExample], pad_id: in
 # ------------------------------------------------------------------------------------ the worker loop
 
 
+def accumulate_sft_gradients(model: torch.nn.Module, rows: Sequence[SFTExample], micro_batch_size: int, pad_id: int,
+                             device: torch.device) -> tuple[float, float]:
+    """Backward of one step's token-mean NLL over ``rows``, micro-batch by micro-batch (DDP syncs on the last).
+
+    Returns:
+        (summed NLL of the response tokens, their count) on this worker, for logging.
+    """
+    from dpo_ray.train_loop import split_micro_batches
+
+    micro = split_micro_batches(list(range(len(rows))), micro_batch_size)
+    step_tokens = float(sum(len(r.response) for r in rows))
+    nll_sum = token_count = 0.0
+    for m_i, idx in enumerate(micro):
+        sync = m_i == len(micro) - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():
+            nll, tokens = compute_response_nll(model, build_sft_batch([rows[i].as_example() for i in idx], pad_id, device))
+            (nll / step_tokens).backward()
+        nll_sum += nll.item()
+        token_count += tokens.item()
+    return nll_sum, token_count
+
+
 def sft_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. ``loop_config`` = {cfg: Config dict, model_path, tokenizer_path, pad_id}.
 
@@ -232,7 +252,6 @@ def sft_loop_per_worker(loop_config: dict[str, Any]) -> None:
         save_policy,
         say,
         seed_everything,
-        split_micro_batches,
     )
 
     cfg = config_from_dict(loop_config["cfg"])
@@ -288,17 +307,10 @@ def sft_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             continue
         step_rows = [train_rows[i] for i in plan[state.batch_in_epoch]]
-        micro = split_micro_batches(list(range(len(step_rows))), cfg.train.micro_batch_size)
-        step_tokens = float(sum(len(r.response) for r in step_rows))
         optimizer.zero_grad(set_to_none=True)
-        for m_i, idx in enumerate(micro):
-            sync = m_i == len(micro) - 1 or not hasattr(model, "no_sync")
-            with contextlib.nullcontext() if sync else model.no_sync():
-                batch = build_sft_batch([step_rows[i].as_example() for i in idx], pad_id, device)
-                nll, tokens = compute_response_nll(model, batch)
-                (nll / step_tokens).backward()
-            window_nll += nll.item()
-            window_tokens += tokens.item()
+        nll_sum, token_count = accumulate_sft_gradients(model, step_rows, cfg.train.micro_batch_size, pad_id, device)
+        window_nll += nll_sum
+        window_tokens += token_count
         if cfg.train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         optimizer.step()

@@ -284,7 +284,7 @@ def evaluate(stepper: DPOStepper, rows: Sequence[PairRow], micro_batch_size: int
     Every worker runs the same number of forward passes (shorter shards repeat their last batch with
     weight 0), so FSDP's collectives stay matched.
     """
-    order = sorted(range(len(rows)), key=lambda i: rows[i].num_tokens)
+    order = sorted(range(len(rows)), key=lambda i: (rows[i].num_tokens, rows[i].row_id))  # whatever the shard order
     batches = split_micro_batches(order, micro_batch_size)
     n_batches = int(all_reduce_max(float(len(batches)), stepper.device))
     sums = dict.fromkeys(EVAL_KEYS, 0.0)

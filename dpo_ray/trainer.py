@@ -21,20 +21,27 @@ def split_for_workers(datasets: dict[str, Any], num_workers: int) -> dict[str, A
     """Cut each dataset into one materialized shard per worker, on the driver, before training starts.
 
     Ray's default ``streaming_split`` hands blocks to whichever worker asks first, so the rows a worker
-    sees change from run to run; that breaks exact resume and seeded determinism. ``Dataset.split`` cuts
-    by row order instead: train into equal shards (every worker takes the same number of steps; the at
-    most ``num_workers - 1`` rows left over are logged), eval into shards that together hold every row
-    once. Splitting here, while no worker holds a CPU, also keeps the split tasks from waiting on CPUs
+    sees change from run to run; that breaks exact resume and seeded determinism. ``split_at_indices``
+    cuts by row position, whatever the blocks are (a cached dataset is read back in other blocks than it
+    was computed in): train into equal shards (every worker takes the same number of steps; the at most
+    ``num_workers - 1`` rows left over are logged), eval into contiguous shards that together hold every
+    row once. So the same rows meet in the same worker, in the same order, and per-worker sums add up the
+    same way. Splitting here, while no worker holds a CPU, also keeps the split tasks from waiting on CPUs
     that the training workers have reserved. Worker ``r`` reads ``<name>_<r>``.
     """
     shards: dict[str, Any] = {}
     n = max(num_workers, 1)
     for name, ds in datasets.items():
-        parts = ds.split(n, equal=(name == "train"))
-        if name == "train":
-            left_over = ds.count() - sum(p.count() for p in parts)
-            if left_over:
-                logger.info("train: %d pair(s) left over by the equal split over %d workers", left_over, n)
+        rows = ds.count()
+        if n == 1:
+            parts = [ds]
+        elif name == "train":
+            per_worker = rows // n
+            if rows - per_worker * n:
+                logger.info("train: %d pair(s) left over by the equal split over %d workers", rows - per_worker * n, n)
+            parts = ds.split_at_indices([per_worker * r for r in range(1, n + 1)])[:n]
+        else:
+            parts = ds.split_at_indices([rows * r // n for r in range(1, n)])
         for rank, part in enumerate(parts):
             shards[f"{name}_{rank}"] = part
     return shards

@@ -64,11 +64,10 @@ def test_two_runs_with_the_same_seed_give_identical_eval_metrics(baseline, workd
     cfg = make_config(workdir, pairs_file, tiny_model_dir, "repeat")
     repeat = run_dpo(cfg, prepared=prepare(cfg), model_path=tiny_model_dir)
     assert baseline["steps"] == repeat["steps"] == 24
-    assert repeat["eval_accuracy"] == baseline["eval_accuracy"]
-    assert repeat["eval_accuracy_strict"] == baseline["eval_accuracy_strict"]
-    # Losses and margins agree to ~1e-9 relative (measured); bitwise equality is not promised.
-    for key in ("eval_loss", "eval_reward_margin"):
-        assert repeat[key] == pytest.approx(baseline[key], rel=1e-7, abs=1e-9), key
+    # Bitwise: the same rows meet in the same worker in the same order (the second run reads the data back
+    # from the cache, in other blocks), so even float sums add up the same way.
+    for key in EVAL_KEYS + ("eval_rewards_chosen", "eval_rewards_rejected", "eval_logps_chosen", "eval_logps_rejected"):
+        assert repeat[key] == baseline[key], key
 
 
 def find_train_workers() -> list[psutil.Process]:
@@ -108,7 +107,7 @@ def test_sigkilled_worker_resumes_from_checkpoint_to_the_same_result(baseline, w
     assert killed, "no training worker was found to kill"
     assert summary["steps"] == baseline["steps"] == 24
     for key in EVAL_KEYS:
-        assert summary[key] == pytest.approx(baseline[key], abs=1e-6), key
+        assert summary[key] == baseline[key], key
 
 
 @pytest.mark.slow
@@ -127,7 +126,7 @@ def test_half_written_latest_checkpoint_is_skipped_on_resume(baseline, workdir, 
     assert previous_step < 24
     assert summary["steps"] == 24  # continued from the earlier complete checkpoint, not from step 0
     for key in EVAL_KEYS:
-        assert summary[key] == pytest.approx(baseline[key], abs=1e-6), key
+        assert summary[key] == baseline[key], key
 
 
 def poison_row(prepared, row_id: str):

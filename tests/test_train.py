@@ -75,21 +75,6 @@ def run(cfg):
 
 
 @pytest.mark.slow
-def test_full_finetune_exports_a_model_that_reproduces_eval_accuracy(ray_session, tmp_path, pairs_file, tiny_model_dir):
-    cfg = make_config(tmp_path, pairs_file, tiny_model_dir, "scaling.num_workers=2")
-    summary, prepared = run(cfg)
-    for key in ("eval_accuracy", "eval_accuracy_strict", "eval_loss", "eval_reward_margin", "train_pairs",
-                "eval_pairs", "steps", "pairs_per_second", "wall_seconds", "final_model_dir", "config"):
-        assert key in summary, key
-    assert summary["steps"] == 4
-    assert summary["eval_pairs"] == prepared.eval_pairs  # every held-out pair counted once across 2 workers
-    saved = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
-    assert saved["eval_accuracy"] == summary["eval_accuracy"]
-    assert Path(summary["final_model_dir"], "model.safetensors").exists()
-    assert score_eval_accuracy(summary["final_model_dir"], prepared, cfg) == pytest.approx(summary["eval_accuracy"], abs=1e-6)
-
-
-@pytest.mark.slow
 def test_lora_uses_the_adapterless_base_as_reference_and_exports_merged(ray_session, tmp_path, pairs_file, tiny_model_dir):
     cfg = make_config(tmp_path, pairs_file, tiny_model_dir, "scaling.num_workers=1", "model.lora.enabled=true",
                       "model.lora.r=4", "dpo.reference=adapter", "train.learning_rate=0.01")
@@ -103,14 +88,28 @@ def test_lora_uses_the_adapterless_base_as_reference_and_exports_merged(ray_sess
 
 
 @pytest.mark.slow
-def test_reference_modes_precomputed_and_model_give_the_same_run(ray_session, tmp_path, pairs_file, tiny_model_dir):
-    results = {}
+def test_reference_modes_give_the_same_run_and_full_finetune_exports_a_model_that_reproduces_it(
+        ray_session, tmp_path, pairs_file, tiny_model_dir):
+    """Full fine-tuning on 2 DDP workers, once with precomputed reference log-probs and once with a frozen
+    reference model in each worker: the same run; the exported model reproduces the reported accuracy."""
+    results, prepared = {}, None
     for mode in ("precomputed", "model"):
-        cfg = make_config(tmp_path / mode, pairs_file, tiny_model_dir, "scaling.num_workers=1", f"dpo.reference={mode}",
-                          "train.max_steps=2", f"run_name=ref-{mode}")
-        results[mode], _ = run(cfg)
+        cfg = make_config(tmp_path / mode, pairs_file, tiny_model_dir, "scaling.num_workers=2",
+                          f"dpo.reference={mode}", f"run_name=ref-{mode}")
+        results[mode], prepared = run(cfg)
+        summary = results[mode]
+        for key in ("eval_accuracy", "eval_accuracy_strict", "eval_loss", "eval_reward_margin", "train_pairs",
+                    "eval_pairs", "steps", "pairs_per_second", "wall_seconds", "final_model_dir", "config"):
+            assert key in summary, key
+        assert summary["steps"] == 4
+        assert summary["eval_pairs"] == prepared.eval_pairs  # every held-out pair counted once across 2 workers
+        saved = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
+        assert saved["eval_accuracy"] == summary["eval_accuracy"]
+        assert Path(summary["final_model_dir"], "model.safetensors").exists()
     assert results["model"]["eval_loss"] == pytest.approx(results["precomputed"]["eval_loss"], abs=1e-4)
     assert results["model"]["eval_accuracy"] == results["precomputed"]["eval_accuracy"]
+    exported = score_eval_accuracy(results["precomputed"]["final_model_dir"], prepared, cfg)
+    assert exported == pytest.approx(results["precomputed"]["eval_accuracy"], abs=1e-6)
 
 
 def test_gpu_request_on_a_cpu_cluster_fails_within_seconds(ray_session, tmp_path):
@@ -141,17 +140,19 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_the_same_command_resumes_to_the_same_step(tmp_path, pairs_file, tiny_model_dir):
-    """Stop a run partway with SIGTERM (as Ctrl-C), run the same command again, end at max_steps."""
+def test_sigterm_checkpoints_and_the_same_command_resumes_to_the_same_step(ray_session, tmp_path, pairs_file,
+                                                                           tiny_model_dir):
+    """Stop a run partway with SIGTERM (as Ctrl-C), run the same command again, end at max_steps.
+
+    Both commands join the session's cluster through RAY_ADDRESS, as under ``ray job submit``."""
     out = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "workflows" / "train.py"),
            "--set", f"model.name_or_path={tiny_model_dir}", "--set", f"data.train={pairs_file}",
-           "--set", f"output_dir={out}", "--set", f"data.cache_dir={tmp_path}/cache",
+           "--set", f"output_dir={out}", "--set", f"data.cache_dir={tmp_path.parent}/cache",
            "--set", "data.eval_fraction=0.25", "--set", "data.max_length=256", "--set", "scaling.num_workers=1",
            "--set", "train.batch_size=4", "--set", "train.max_steps=60", "--set", "train.eval_every=100",
            "--set", "train.log_every=1"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     log = tmp_path / "first.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)

@@ -4,7 +4,7 @@ Stages (Ray Data operators; tokenized rows are materialized once and reused by t
 
 1. parse: one task per file (``read_binary_files``) or per block of a Hugging Face dataset -> rows with
    a ``row_id`` and the record, or the reason it cannot be read;
-2. tokenize: one actor pool for all sources (:class:`~dpo_ray.data.tokenize.PairTokenizer`) validates
+2. tokenize: Ray Data tasks for all sources (:func:`~dpo_ray.data.tokenize.tokenize_pair_batch`) validate
    each row for its source's format, renders chat rows, tokenizes and truncates; every row, kept or not,
    is labelled with its split: the explicit eval source, or a seeded hash of (row_id, seed) below
    ``eval_fraction`` (no dependence on block order or worker count);
@@ -56,7 +56,7 @@ from dpo_ray.data.report import (
     total_counts,
     write_report,
 )
-from dpo_ray.data.tokenize import PairTokenizer
+from dpo_ray.data.tokenize import tokenize_pair_batch
 
 __all__ = ["DataValidationError", "PreparedData", "prepare_data"]
 
@@ -67,7 +67,7 @@ PUBLIC_COLUMNS = ("row_id", "prompt_ids", "chosen_ids", "rejected_ids", "num_tok
 ORDER_COLUMNS = ["file_index", "position"]
 TOKENIZE_BATCH_ROWS = 256
 ROWS_PER_BLOCK = 4096
-TOKENIZER_ACTOR_CPUS = 0.5  # a 1-CPU actor pool can starve the read tasks of a 2-CPU machine
+TOKENIZER_TASK_CPUS = 0.5  # whole-CPU tokenizer tasks can starve the read tasks of a 2-CPU machine
 CACHED_REPORT = "report.json"
 
 
@@ -153,28 +153,22 @@ def tag_role(batch: pa.Table, role: str) -> pa.Table:
 
 def tokenize_sources(sources: dict[str, DataSource], formats: dict[str, str], cfg: Config, tokenizer_path: str):
     """Every row of every source, tokenized or marked with its drop reason, and labelled with its split
-    (one actor pool for all sources; materialized)."""
-    import ray
-
+    (one set of tasks for all sources; materialized)."""
     parsed = [
         read_parsed_dataset(source, cfg.data.column_map).map_batches(
             tag_role, batch_format="pyarrow", fn_kwargs={"role": role}
         )
         for role, source in sources.items()
     ]
-    if not ray.is_initialized():
-        ray.init()  # what Ray Data would do on first use; needed here to size the actor pool
-    cpus = ray.cluster_resources().get("CPU", 1)
     return (
         union_all(parsed)
         .repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
         .map_batches(
-            PairTokenizer,
+            tokenize_pair_batch,
             batch_size=TOKENIZE_BATCH_ROWS,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cpus))),
-            num_cpus=TOKENIZER_ACTOR_CPUS,
-            fn_constructor_kwargs={
+            num_cpus=TOKENIZER_TASK_CPUS,
+            fn_kwargs={
                 "tokenizer_path": tokenizer_path,
                 "formats": formats,
                 "max_length": cfg.data.max_length,

@@ -15,7 +15,9 @@ Pmax = max_prompt_length:
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from typing import NamedTuple, Sequence
 
 import pyarrow as pa
@@ -102,9 +104,9 @@ def truncate_pair(pair: TokenizedPair, max_length: int, max_prompt_length: int, 
 
 
 class PairTokenizer:
-    """Ray Data actor UDF: parsed rows -> tokenized rows (:data:`TOKENIZED_SCHEMA`).
+    """Parsed rows -> tokenized rows (:data:`TOKENIZED_SCHEMA`); called by :func:`tokenize_pair_batch`.
 
-    The tokenizer is loaded once per actor. ``formats`` maps each row's ``role`` (train / eval source) to
+    The tokenizer is loaded once per instance. ``formats`` maps each row's ``role`` (train / eval source) to
     its data format. Rows already marked unusable pass through with their reason; rows that fail
     validation or truncation get theirs here.
     """
@@ -155,3 +157,32 @@ class PairTokenizer:
             drop_field=fields,
         )
         return pa.table(data, schema=TOKENIZED_SCHEMA)
+
+
+def stamp_tokenizer_files(tokenizer_path: str) -> tuple:
+    """(name, mtime) of each file of a local tokenizer directory; () for a hub id. Part of the cache key, so
+    a directory rewritten in place is loaded again."""
+    if not os.path.isdir(tokenizer_path):
+        return ()
+    return tuple(sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(tokenizer_path) if e.is_file()))
+
+
+@functools.lru_cache(maxsize=4)
+def load_pair_tokenizer(tokenizer_path: str, formats: tuple, max_length: int, max_prompt_length: int,
+                        trust_remote_code: bool, files_stamp: tuple) -> PairTokenizer:
+    """One :class:`PairTokenizer` per settings and worker process (``formats`` as sorted (role, format) items)."""
+    del files_stamp  # only part of the cache key
+    return PairTokenizer(tokenizer_path, dict(formats), max_length, max_prompt_length, trust_remote_code)
+
+
+def tokenize_pair_batch(batch: pa.Table, tokenizer_path: str, formats: dict[str, str], max_length: int,
+                        max_prompt_length: int, trust_remote_code: bool = False) -> pa.Table:
+    """Ray Data task UDF: :class:`PairTokenizer` on ``batch``.
+
+    A task, not an actor pool: Ray keeps its worker processes between tasks, so a warm worker reuses the
+    imported libraries and the cached tokenizer across stages, datasets and runs of the same job (an actor
+    pool would start new processes and load both again every time).
+    """
+    tokenizer = load_pair_tokenizer(tokenizer_path, tuple(sorted(formats.items())), max_length, max_prompt_length,
+                                    trust_remote_code, stamp_tokenizer_files(tokenizer_path))
+    return tokenizer(batch)
