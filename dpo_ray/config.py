@@ -381,6 +381,11 @@ def validate_config(cfg: Config) -> None:
     _require_choice(cfg.train.lr_schedule, "train.lr_schedule", ("linear", "cosine", "constant"))
     _require_choice(cfg.train.mixed_precision, "train.mixed_precision", ("auto", "bf16", "no"))
     _require_choice(cfg.train.strategy, "train.strategy", ("ddp", "fsdp"))
+    _require(  # Ray Train's prepare_model refuses FSDP on CPU workers; better now than after the workers start
+        cfg.train.strategy == "ddp" or cfg.scaling.use_gpu,
+        "train.strategy",
+        "fsdp shards a model over GPUs and needs scaling.use_gpu=true; CPU workers use ddp",
+    )
     _require(cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _require(cfg.train.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
     _require(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")

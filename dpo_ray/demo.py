@@ -69,12 +69,12 @@ DEMO_CONFIG: dict[str, Any] = {
         "learning_rate": 3e-4,
         "batch_size": 32,
         "micro_batch_size": 32,
-        "max_steps": 300,
+        "max_steps": 900,  # held-out preference accuracy passes 0.90 near here (0.86 at 300)
         "warmup_steps": 0,
         "lr_schedule": "linear",
-        "eval_every": 100,  # a checkpoint every 100 steps: the points of the reward/KL plot
+        "eval_every": 300,  # a checkpoint every 300 steps: the points of the reward/KL plot
         "keep_checkpoints": 12,
-        "log_every": 50,
+        "log_every": 150,
         "seed": 0,
         "length_bucketing": False,  # else 2- and 3-digit answers land in separate batches
     },

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -251,18 +250,12 @@ def sft_loop_per_worker(loop_config: dict[str, Any]) -> None:
         report_with_checkpoint,
         save_policy,
         say,
-        seed_everything,
+        set_up_worker,
     )
 
     cfg = config_from_dict(loop_config["cfg"])
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our progress lines, not Ray's metric dicts
     model_path, tokenizer_path, pad_id = loop_config["model_path"], loop_config["tokenizer_path"], loop_config["pad_id"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    seed_everything(cfg.train.seed)
+    rank, world, device = set_up_worker(cfg)
 
     train_rows = collect_sft_examples(ray.train.get_dataset_shard(f"train_{rank}"))  # cut on the driver
     eval_rows = collect_sft_examples(ray.train.get_dataset_shard(f"eval_{rank}")) if loop_config.get("has_eval") else []

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -472,17 +472,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``loop_config`` = {cfg: Config dict, model_path, tokenizer_path, pad_id}."""
-    cfg = config_from_dict(loop_config["cfg"])
+def set_up_worker(cfg: Config) -> tuple[int, int, torch.device]:
+    """Quiet Ray Train's metric logs, size torch's threads to the worker's CPUs, seed; (rank, world, device)."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one progress line per interval, not Ray's dicts
-    model_path, tokenizer_path, pad_id = loop_config["model_path"], loop_config["tokenizer_path"], loop_config["pad_id"]
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     seed_everything(cfg.train.seed)
+    return ctx.get_world_rank(), ctx.get_world_size(), device
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``loop_config`` = {cfg: Config dict, model_path, tokenizer_path, pad_id}."""
+    cfg = config_from_dict(loop_config["cfg"])
+    model_path, tokenizer_path, pad_id = loop_config["model_path"], loop_config["tokenizer_path"], loop_config["pad_id"]
+    rank, world, device = set_up_worker(cfg)
 
     train_rows = collect_shard_rows(ray.train.get_dataset_shard(f"train_{rank}"))  # cut on the driver
     eval_rows = collect_shard_rows(ray.train.get_dataset_shard(f"eval_{rank}"))

@@ -28,6 +28,17 @@ def ray_session():
     yield ray
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Tiny tensors gain nothing from threads; on a shared 2-core machine one thread wastes less CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def hh_rows() -> list[dict]:
     with gzip.open(HH_DATA, "rt", encoding="utf-8") as f:

@@ -281,3 +281,9 @@ def test_every_preset_loads_and_starts_with_a_command_comment(preset):
         f"{preset.name}: the first line should hold a command, got {first!r}"
     )
     assert isinstance(yaml.safe_load(preset.read_text()) or {}, dict)
+
+
+def test_fsdp_without_gpus_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="train.strategy.*scaling.use_gpu"):
+        build_config(None, ["train.strategy=fsdp"])
+    assert build_config(None, ["train.strategy=fsdp", "scaling.use_gpu=true"]).train.strategy == "fsdp"

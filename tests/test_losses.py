@@ -24,13 +24,7 @@ from dpo_ray.losses import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_torch_thread():
-    """Tiny tensors gain nothing from threads; on a shared 2-core machine one thread wastes less CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _sigmoid(x: float) -> float:

@@ -33,13 +33,7 @@ def small_texts(hh_rows) -> list[str]:
     return [r["chosen"] for r in hh_rows[:30]] + [f"{a}*{b}={a * b}" for a in range(12) for b in range(12)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_torch_thread():
-    """Tiny tensors gain nothing from threads; on a shared 2-core machine one thread wastes less CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
