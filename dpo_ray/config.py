@@ -120,7 +120,8 @@ class TrainSettings:
     mixed_precision: str = "auto"  # auto = bf16 autocast on GPU, none on CPU | bf16 | no
     strategy: str = "ddp"  # ddp | fsdp
     prefix_sharing: bool = True  # [prompt|chosen|rejected] in one row: the prompt runs once
-    length_bucketing: bool = True  # batch pairs of similar length: little padding
+    shuffle: bool = True  # seeded new order every epoch; false: the data's own order (to replay another run's)
+    length_bucketing: bool = True  # batch pairs of similar length: little padding (only when shuffling)
     response_only_logits: bool = True  # output head on response positions only, chunked: no [T x V] fp32 logits
     logits_chunk_size: int = 1024  # response positions per chunk of the chunked log-softmax
     skip_nonfinite: bool = False  # skip a batch whose loss or gradient is not finite instead of failing
@@ -128,7 +129,8 @@ class TrainSettings:
 
 @dataclass
 class ScalingSettings:
-    num_workers: int = 2  # two CPU workers exercise DDP even on a laptop
+    num_workers: int = 2  # two CPU workers exercise DDP even on a laptop; 0 = Ray Train local mode in the driver
+    # (debugging: its checkpoints are not persisted, so such a run cannot resume)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # only when use_gpu
@@ -391,7 +393,7 @@ def validate_config(cfg: Config) -> None:
     _require(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _require(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
     _require(cfg.train.logits_chunk_size >= 1, "train.logits_chunk_size", "must be >= 1")
-    _require(cfg.scaling.num_workers >= 0, "scaling.num_workers", "must be >= 0 (0 runs in the driver)")
+    _require(cfg.scaling.num_workers >= 0, "scaling.num_workers", "must be >= 0 (0 runs in the driver, for debugging)")
     _require(cfg.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
     _require(cfg.scaling.max_failures >= 0, "scaling.max_failures", "must be >= 0")
     workers = max(cfg.scaling.num_workers, 1)

@@ -294,7 +294,8 @@ def sft_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     while state.step < total_steps:
         if planned_epoch != state.epoch:
-            plan = plan_epoch(train_rows, per_step, cfg.train.seed, state.epoch, cfg.train.length_bucketing)
+            plan = plan_epoch(train_rows, per_step, cfg.train.seed, state.epoch, cfg.train.length_bucketing,
+                              cfg.train.shuffle)
             planned_epoch = state.epoch
         if state.batch_in_epoch >= len(plan):
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0

@@ -99,8 +99,14 @@ def collect_shard_rows(shard) -> list[PairRow]:
     return rows
 
 
-def plan_epoch(rows: Sequence[PairRow], pairs_per_step: int, seed: int, epoch: int, bucketing: bool) -> list[list[int]]:
-    """Batches (lists of row indices) of one epoch; the same on every run for the same seed and epoch."""
+def plan_epoch(rows: Sequence[PairRow], pairs_per_step: int, seed: int, epoch: int, bucketing: bool,
+               shuffle: bool = True) -> list[list[int]]:
+    """Batches (lists of row indices) of one epoch; the same on every run for the same seed and epoch.
+
+    ``shuffle=False`` keeps the rows' own order (consecutive ``pairs_per_step`` rows per step, no bucketing).
+    """
+    if not shuffle:
+        return [list(range(i, min(i + pairs_per_step, len(rows)))) for i in range(0, len(rows), pairs_per_step)]
     gen = torch.Generator().manual_seed(seed * 1000003 + epoch)
     if bucketing:
         return order_by_length_buckets([r.num_tokens for r in rows], pairs_per_step, gen)
@@ -531,7 +537,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     reported_final = False
     while state.step < total_steps:
         if planned_epoch != state.epoch:
-            epoch_plan = plan_epoch(train_rows, pairs_per_step, cfg.train.seed, state.epoch, cfg.train.length_bucketing)
+            epoch_plan = plan_epoch(train_rows, pairs_per_step, cfg.train.seed, state.epoch, cfg.train.length_bucketing,
+                                    cfg.train.shuffle)
             planned_epoch = state.epoch
         if state.batch_in_epoch >= len(epoch_plan):
             state.epoch += 1

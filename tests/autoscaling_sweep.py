@@ -160,7 +160,7 @@ def build_sweep_config(output_dir: Path, model_dir: str, data_file: str):
         "data": {"train": data_file, "max_length": 256, "eval_fraction": 0.1, "max_invalid_fraction": 0.5},
         "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 2, "eval_every": 2},
         "scaling": {"num_workers": 1, "cpus_per_worker": 2.0, "max_failures": 0, "allow_autoscale": True},
-        "sweep": {"num_samples": 2, "max_concurrent_trials": 2, "asha": False, "seed": 3},
+        "sweep": {"num_samples": 1, "max_concurrent_trials": 1, "asha": False, "seed": 3},
         "output_dir": str(output_dir),
     })
 

@@ -357,3 +357,15 @@ def test_length_buckets_are_deterministic_per_seed_and_shuffled_across_seeds():
     # Batch order is random: not sorted by length.
     firsts = [lengths[bt[0]] for bt in a]
     assert firsts != sorted(firsts)
+
+
+def test_epoch_plan_is_seeded_and_keeps_the_data_order_without_shuffle():
+    from dpo_ray.train_loop import PairRow, plan_epoch
+
+    rows = [PairRow(str(i), [1] * (i % 5 + 1), [2], [3]) for i in range(10)]
+    assert plan_epoch(rows, 4, 0, 0, True, shuffle=False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    for bucketing in (True, False):
+        plan = plan_epoch(rows, 4, 0, 0, bucketing)
+        assert plan == plan_epoch(rows, 4, 0, 0, bucketing)  # seeded
+        assert sorted(i for batch in plan for i in batch) == list(range(10))  # every row once
+    assert plan_epoch(rows, 4, 0, 0, False) != plan_epoch(rows, 4, 0, 1, False)  # a new order each epoch

@@ -143,7 +143,7 @@ def poison_row(prepared, row_id: str):
 def test_nonfinite_loss_stops_with_step_and_row_ids(ray_session, workdir, pairs_file, tiny_model_dir):
     from dpo_ray.trainer import run_dpo
 
-    cfg = make_config(workdir, pairs_file, tiny_model_dir, "nan-stop", "scaling.max_failures=0", "scaling.num_workers=1")
+    cfg = make_config(workdir, pairs_file, tiny_model_dir, "nan-stop", "scaling.max_failures=0", "scaling.num_workers=0")
     prepared = prepare(cfg)
     row_id = prepared.train.take(1)[0]["row_id"]
     with pytest.raises(Exception) as info:
@@ -161,7 +161,7 @@ def test_skip_nonfinite_skips_the_batch_counts_it_and_never_steps_on_nan(ray_ses
     from dpo_ray.trainer import run_dpo
 
     cfg = make_config(workdir, pairs_file, tiny_model_dir, "nan-skip", "train.skip_nonfinite=true",
-                      "scaling.num_workers=1", "train.max_steps=0", "train.epochs=1")
+                      "scaling.num_workers=0", "train.max_steps=0", "train.epochs=1")
     prepared = prepare(cfg)
     row_id = prepared.train.take(1)[0]["row_id"]
     summary = run_dpo(cfg, prepared=poison_row(prepared, row_id), model_path=tiny_model_dir)

@@ -143,9 +143,9 @@ def sweep_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def first_sweep(ray_session, tiny_model_dir, sweep_dirs) -> dict:
-    """Three trials, one at a time; the third asks for an attention implementation that does not exist."""
+    """Two trials, one at a time; the second asks for an attention implementation that does not exist."""
     data = build_sweep_dict(tiny_model_dir, sweep_dirs["cache"], sweep_dirs["first"],
-                            extra={"model.attn_implementation": ["sdpa", "eager", "no_such_attention"]})
+                            extra={"model.attn_implementation": ["sdpa", "no_such_attention"]})
     cfg = config_from_dict(data)
     start = time.perf_counter()
     summary = sweep_mod.run_sweep(cfg)
@@ -160,11 +160,11 @@ def test_sweep_runs_more_trials_than_fit_at_once_and_writes_its_outputs(first_sw
     out = first_sweep["cfg"].resolved_output_dir()
     summary = first_sweep["summary"]
     rows = read_rows(out / "results.csv")
-    assert len(rows) == 3 and summary["num_trials"] == 3 and not summary["interrupted"]
+    assert len(rows) == 2 and summary["num_trials"] == 2 and not summary["interrupted"]
     assert set(BASE_COLUMNS + ["model.attn_implementation"]) <= set(rows[0])
-    assert len({r["trial_id"] for r in rows}) == 3
+    assert len({r["trial_id"] for r in rows}) == 2
     finished = [r for r in rows if r["status"] == "TERMINATED"]
-    assert len(finished) == 2
+    assert len(finished) == 1
     for r in finished:
         assert 0.0 <= float(r["eval_accuracy"]) <= 1.0
         assert 0.02 <= float(r["beta"]) <= 0.5 and 1e-4 <= float(r["learning_rate"]) <= 3e-3

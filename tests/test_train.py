@@ -76,7 +76,7 @@ def run(cfg):
 
 @pytest.mark.slow
 def test_lora_uses_the_adapterless_base_as_reference_and_exports_merged(ray_session, tmp_path, pairs_file, tiny_model_dir):
-    cfg = make_config(tmp_path, pairs_file, tiny_model_dir, "scaling.num_workers=1", "model.lora.enabled=true",
+    cfg = make_config(tmp_path, pairs_file, tiny_model_dir, "scaling.num_workers=0", "model.lora.enabled=true",
                       "model.lora.r=4", "dpo.reference=adapter", "train.learning_rate=0.01")
     summary, prepared = run(cfg)
     final = Path(summary["final_model_dir"])
