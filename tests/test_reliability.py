@@ -38,7 +38,7 @@ def make_config(workdir: Path, pairs_file: str, model_dir: str, run_name: str, *
         f"model.name_or_path={model_dir}", f"data.train={pairs_file}", "data.eval_fraction=0.25",
         "data.max_length=256", f"output_dir={workdir}/{run_name}", f"data.cache_dir={workdir}/cache",
         f"run_name={run_name}", "scaling.num_workers=2", "train.batch_size=4", "train.micro_batch_size=2",
-        "train.max_steps=24", "train.eval_every=4", "train.log_every=4", "train.learning_rate=0.003", *overrides,
+        "train.max_steps=16", "train.eval_every=8", "train.log_every=8", "train.learning_rate=0.003", *overrides,
     ])
 
 
@@ -62,7 +62,7 @@ def test_two_runs_with_the_same_seed_give_identical_eval_metrics(baseline, workd
 
     cfg = make_config(workdir, pairs_file, tiny_model_dir, "repeat")
     repeat = run_dpo(cfg, prepared=prepare(cfg), model_path=tiny_model_dir)
-    assert baseline["steps"] == repeat["steps"] == 24
+    assert baseline["steps"] == repeat["steps"] == 16
     # Bitwise: the same rows meet in the same worker in the same order (the second run reads the data back
     # from the cache, in other blocks), so even float sums add up the same way.
     for key in EVAL_KEYS + ("eval_rewards_chosen", "eval_rewards_rejected", "eval_logps_chosen", "eval_logps_rejected"):
@@ -104,7 +104,7 @@ def test_sigkilled_worker_resumes_from_checkpoint_to_the_same_result(baseline, w
     summary = run_dpo(cfg, prepared=prepared, model_path=tiny_model_dir)
     killer.join()
     assert killed, "no training worker was found to kill"
-    assert summary["steps"] == baseline["steps"] == 24
+    assert summary["steps"] == baseline["steps"] == 16
     for key in EVAL_KEYS:
         assert summary[key] == baseline[key], key
 
@@ -122,8 +122,8 @@ def test_half_written_latest_checkpoint_is_skipped_on_resume(baseline, workdir, 
     previous_step = json.loads((checkpoints[-2] / "state.json").read_text())["state"]["step"]
     cfg = make_config(workdir, pairs_file, tiny_model_dir, "baseline")
     summary = run_dpo(cfg, prepared=prepare(cfg), model_path=tiny_model_dir)
-    assert previous_step < 24
-    assert summary["steps"] == 24  # continued from the earlier complete checkpoint, not from step 0
+    assert previous_step < 16
+    assert summary["steps"] == 16  # continued from the earlier complete checkpoint, not from step 0
     for key in EVAL_KEYS:
         assert summary[key] == baseline[key], key
 
