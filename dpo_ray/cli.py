@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+from typing import Iterator
 
 from dpo_ray.config import Config, ConfigError, build_config
 
@@ -23,12 +25,21 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
     """Parse arguments and build the validated config; a bad key or value exits with one line."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[dpo-ray] %(message)s")
-    try:
+    with exit_on_input_error():
         cfg = build_config(args.config, args.overrides)
-    except ConfigError as exc:
+    return args, cfg
+
+
+@contextlib.contextmanager
+def exit_on_input_error() -> Iterator[None]:
+    """A bad config value or unusable input data ends a workflow with one ``error:`` line and exit status 2."""
+    from dpo_ray.data.formats import DataValidationError
+
+    try:
+        yield
+    except (ConfigError, DataValidationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    return args, cfg
 
 
 def print_config(cfg: Config) -> None:

@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -537,7 +536,7 @@ def main_demo(argv: list[str] | None = None) -> dict:
     """``workflows/demo.py``: parse ``--config`` / ``--set`` / ``--demo``, start Ray, run the chain."""
     import argparse
 
-    from dpo_ray.cli import print_config
+    from dpo_ray.cli import exit_on_input_error, print_config
     from dpo_ray.cluster import init_ray
 
     parser = argparse.ArgumentParser(description="DPO demo: SFT reference, self-generated pairs, DPO, "
@@ -550,12 +549,9 @@ def main_demo(argv: list[str] | None = None) -> dict:
                         help=f"override a demo setting ({', '.join(f.name for f in dataclasses.fields(DemoSettings))})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[dpo-ray] %(message)s")
-    try:
+    with exit_on_input_error():
         cfg = build_demo_config(args.config, args.overrides)
         demo = parse_demo_settings(args.demo)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     print_config(cfg)
     print("[demo] demo settings: " + json.dumps(asdict(demo)), flush=True)
     init_ray()
@@ -566,6 +562,7 @@ def main_make_pairs(argv: list[str] | None = None) -> dict:
     """``workflows/make_pairs.py``: self-generated pairs from a model, for the demo's task splits."""
     import argparse
 
+    from dpo_ray.cli import exit_on_input_error
     from dpo_ray.cluster import init_ray
 
     parser = argparse.ArgumentParser(description="Self-generated preference pairs for the arithmetic task.")
@@ -574,11 +571,8 @@ def main_make_pairs(argv: list[str] | None = None) -> dict:
     parser.add_argument("--demo", dest="demo", action="append", default=[], metavar="KEY=VALUE",
                         help="override a demo setting (task size, samples_per_prompt, temperature, ...)")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_input_error():
         demo = parse_demo_settings(args.demo)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     init_ray()
     out = Path(args.output)
     report = make_pairs(demo, args.model, out)

@@ -405,21 +405,14 @@ def run_sft(cfg: Config, model_path: str | None = None) -> dict[str, Any]:
 
 def main_sft(argv: list[str] | None = None) -> dict[str, Any]:
     """``workflows/sft.py``: parse ``--config`` / ``--set``, start Ray, fine-tune, print where the model is."""
-    import sys
-
-    from dpo_ray.cli import build_parser, parse_config, print_config
+    from dpo_ray.cli import build_parser, exit_on_input_error, parse_config, print_config
     from dpo_ray.cluster import init_ray
-    from dpo_ray.config import ConfigError
-    from dpo_ray.data.formats import DataValidationError
 
     _, cfg = parse_config(build_parser("Supervised fine-tuning on the chosen responses of data.train (Ray Train)."), argv)
     print_config(cfg)
     init_ray()
-    try:
+    with exit_on_input_error():
         summary = run_sft(cfg)
-    except (ConfigError, DataValidationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     for key in ("train_examples", "eval_examples", "steps", "train_loss", "eval_loss", "wall_seconds"):
         print(f"  {key:16s} {summary[key]}")
     print(f"[dpo-ray] final model: {summary['final_model_dir']}", flush=True)

@@ -740,20 +740,16 @@ def main_sweep(argv: list[str] | None = None) -> dict[str, Any]:
     """
     import sys
 
-    from dpo_ray.cli import build_parser, parse_config, print_config
+    from dpo_ray.cli import build_parser, exit_on_input_error, parse_config, print_config
     from dpo_ray.cluster import init_ray
-    from dpo_ray.data.pipeline import DataValidationError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     _, cfg = parse_config(build_parser("Sweep DPO's beta and learning rate with Ray Tune."), argv)
     print_config(cfg)
     init_ray()
     try:
-        with forward_sigterm_as_sigint():
+        with exit_on_input_error(), forward_sigterm_as_sigint():
             summary = run_sweep(cfg)
-    except (ConfigError, DataValidationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("[dpo-ray] sweep interrupted", file=sys.stderr)
         print(format_resume_hint(argv), file=sys.stderr)

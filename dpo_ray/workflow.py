@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from dpo_ray.cli import build_parser, parse_config, print_config
-from dpo_ray.config import ConfigError
+from dpo_ray.cli import build_parser, exit_on_input_error, parse_config, print_config
 
 
 def format_summary(summary: dict) -> str:
@@ -18,17 +17,13 @@ def format_summary(summary: dict) -> str:
 def main_train(argv: list[str] | None = None) -> dict:
     """Parse, build, run, print where the results are."""
     from dpo_ray.cluster import init_ray
-    from dpo_ray.data.pipeline import DataValidationError
     from dpo_ray.trainer import SUMMARY_FILE, run_dpo
 
     _, cfg = parse_config(build_parser("Train a policy with DPO on Ray Train."), argv)
     print_config(cfg)
     init_ray()
-    try:
+    with exit_on_input_error():
         summary = run_dpo(cfg)
-    except (ConfigError, DataValidationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     if summary["interrupted"]:
         print(f"[dpo-ray] interrupted at step {summary['steps']}; checkpoint at {summary['checkpoint_path']}. "
               "Run the same command again to resume.", file=sys.stderr)
