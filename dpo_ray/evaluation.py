@@ -30,11 +30,11 @@ import pyarrow as pa
 import torch
 
 from dpo_ray.generation import (
-    build_prompt_dataset,
     decode_responses,
     generate_responses,
     group_samples,
     load_generation_model,
+    map_prompts,
     seed_for_batch,
 )
 
@@ -168,20 +168,10 @@ def evaluate_policies(prompts: Sequence[str], policies: dict[str, str], referenc
     import ray
 
     actors = max(1, min(settings.num_actors, math.ceil(len(prompts) / settings.batch_size)))  # no idle actors
-    rows = (
-        build_prompt_dataset(prompts, settings.batch_size)
-        .map_batches(
-            PolicyEvaluator,
-            batch_size=settings.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=settings.cpus_per_actor,
-            fn_constructor_kwargs={"policies": dict(policies), "reference_path": reference_path,
-                                   "settings": asdict(settings), "verify": verify},
-        )
-        .take_all()
-    )
-    rows.sort(key=lambda r: r["index"])
+    rows = map_prompts(prompts, settings.batch_size, PolicyEvaluator,
+                       {"policies": dict(policies), "reference_path": reference_path, "settings": asdict(settings),
+                        "verify": verify},
+                       ray.data.ActorPoolStrategy(size=actors), settings.cpus_per_actor)
     scores = {}
     for name in [REFERENCE, *policies]:
         n = max(len(rows), 1)

@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import pyarrow as pa
 import torch
@@ -141,6 +141,19 @@ def build_prompt_dataset(prompts: Sequence[str], batch_size: int):
     return ray.data.from_arrow([table.slice(i, batch_size) for i in range(0, len(prompts), batch_size)])
 
 
+def map_prompts(prompts: Sequence[str], batch_size: int, udf: type, constructor_kwargs: dict[str, Any], compute,
+                num_cpus: float) -> list[dict[str, Any]]:
+    """Run the actor UDF ``udf`` over the ``{index, prompt}`` rows of ``prompts`` (fixed batches of
+    ``batch_size``) with Ray Data; returns its output rows in prompt order."""
+    rows = (
+        build_prompt_dataset(prompts, batch_size)
+        .map_batches(udf, batch_size=batch_size, batch_format="pyarrow", compute=compute, num_cpus=num_cpus,
+                     fn_constructor_kwargs=constructor_kwargs)
+        .take_all()
+    )
+    return sorted(rows, key=lambda r: r["index"])
+
+
 def sample_answers(prompts: Sequence[str], model_path: str, settings: GenerationSettings) -> list[list[str]]:
     """Answers of the model at ``model_path`` to each prompt (``settings.num_samples`` each), in prompt order.
 
@@ -150,19 +163,10 @@ def sample_answers(prompts: Sequence[str], model_path: str, settings: Generation
 
     if not prompts:
         return []
-    rows = (
-        build_prompt_dataset(prompts, settings.batch_size)
-        .map_batches(
-            AnswerSampler,
-            batch_size=settings.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, settings.num_actors)),
-            num_cpus=settings.cpus_per_actor,
-            fn_constructor_kwargs={"model_path": model_path, "settings": asdict(settings)},
-        )
-        .take_all()
-    )
-    rows.sort(key=lambda r: r["index"])
+    rows = map_prompts(prompts, settings.batch_size, AnswerSampler,
+                       {"model_path": model_path, "settings": asdict(settings)},
+                       ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, settings.num_actors)),
+                       settings.cpus_per_actor)
     return [list(r[SAMPLES_COLUMN]) for r in rows]
 
 

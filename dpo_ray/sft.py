@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,12 +238,12 @@ def sft_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from dpo_ray.checkpointing import TrainState, load_training_state, save_training_state
+    from dpo_ray.checkpointing import save_training_state
     from dpo_ray.train_loop import (
         all_reduce_sum,
-        build_optimizer,
+        build_optimization,
         build_policy,
-        build_scheduler,
+        count_steps,
         latest_complete_checkpoint,
         plan_epoch,
         report_with_checkpoint,
@@ -259,18 +258,13 @@ def sft_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     train_rows = collect_sft_examples(ray.train.get_dataset_shard(f"train_{rank}"))  # cut on the driver
     eval_rows = collect_sft_examples(ray.train.get_dataset_shard(f"eval_{rank}")) if loop_config.get("has_eval") else []
-    per_step = max(1, cfg.train.batch_size // max(world, 1))
-    total_steps = cfg.train.max_steps or cfg.train.epochs * math.ceil(len(train_rows) / per_step)
+    per_step, total_steps = count_steps(cfg, len(train_rows), world)
 
     ckpt_dir = latest_complete_checkpoint()
     lm = build_policy(cfg, model_path, device, ckpt_dir)
     model = ray.train.torch.prepare_model(lm, parallel_strategy="ddp")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg, params)
-    scheduler = build_scheduler(cfg, optimizer, total_steps)
-    state = TrainState()
-    if ckpt_dir is not None:
-        state = load_training_state(ckpt_dir, optimizer, scheduler)
+    optimizer, scheduler, state = build_optimization(cfg, params, total_steps, ckpt_dir)
     ckpt_every = cfg.train.checkpoint_every or cfg.train.eval_every or total_steps
     start = time.perf_counter() - state.train_seconds
     window_nll = window_tokens = 0.0

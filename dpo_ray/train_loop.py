@@ -478,6 +478,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def count_steps(cfg: Config, num_rows: int, world: int) -> tuple[int, int]:
+    """(rows per worker per optimizer step, total optimizer steps): ``train.max_steps``, else
+    ``train.epochs`` passes over this worker's ``num_rows``."""
+    per_step = max(1, cfg.train.batch_size // max(world, 1))
+    return per_step, cfg.train.max_steps or cfg.train.epochs * math.ceil(num_rows / per_step)
+
+
+def build_optimization(cfg: Config, params: list, total_steps: int,
+                       ckpt_dir: Path | None) -> tuple[torch.optim.Optimizer, Any, TrainState]:
+    """Optimizer, LR scheduler and training state, restored from ``ckpt_dir`` when resuming."""
+    optimizer = build_optimizer(cfg, params)
+    scheduler = build_scheduler(cfg, optimizer, total_steps)
+    state = load_training_state(ckpt_dir, optimizer, scheduler) if ckpt_dir is not None else TrainState()
+    return optimizer, scheduler, state
+
+
 def set_up_worker(cfg: Config) -> tuple[int, int, torch.device]:
     """Quiet Ray Train's metric logs, size torch's threads to the worker's CPUs, seed; (rank, world, device)."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one progress line per interval, not Ray's dicts
@@ -497,9 +513,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     train_rows = collect_shard_rows(ray.train.get_dataset_shard(f"train_{rank}"))  # cut on the driver
     eval_rows = collect_shard_rows(ray.train.get_dataset_shard(f"eval_{rank}"))
-    pairs_per_step = max(1, cfg.train.batch_size // max(world, 1))
-    steps_per_epoch = math.ceil(len(train_rows) / pairs_per_step)
-    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    pairs_per_step, total_steps = count_steps(cfg, len(train_rows), world)
 
     ckpt_dir = latest_complete_checkpoint()
     lm = build_policy(cfg, model_path, device, ckpt_dir)
@@ -508,13 +522,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ref_lm = build_reference(cfg, model_path, device) if cfg.dpo.reference == "model" else None
     stepper = DPOStepper(cfg, model, scorer, ref_lm, pad_id, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg, params)
-    scheduler = build_scheduler(cfg, optimizer, total_steps)
-    state = TrainState()
-    if ckpt_dir is not None:
-        state = load_training_state(ckpt_dir, optimizer, scheduler)
-        if rank == 0:
-            say(f"resuming from checkpoint at step {state.step}/{total_steps}")
+    optimizer, scheduler, state = build_optimization(cfg, params, total_steps, ckpt_dir)
+    if ckpt_dir is not None and rank == 0:
+        say(f"resuming from checkpoint at step {state.step}/{total_steps}")
 
     writers = open_metric_writers(cfg, rank)
     poller = StopPoller(cfg.run_name)
