@@ -9,21 +9,31 @@ A checkpoint directory holds:
     rng.pt            torch CPU (and CUDA) RNG states and Python's ``random`` state
     state.json        step, epoch, position in the epoch, metrics
     COMPLETE          written last; a directory without it is a half-written checkpoint
+
+Checkpoints live where Ray Train puts them, ``<storage_path>/<run_name>/checkpoint_<time>``, kept by
+:func:`build_checkpoint_config`. :func:`open_run_checkpoints` gives a training loop the checkpoints of its
+run: through Ray Train with workers, or kept by this module in Ray Train's local mode
+(``scaling.num_workers=0``), where Ray holds reported checkpoints only in memory.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 COMPLETE_MARKER = "COMPLETE"
+STATE_FILE = "state.json"
+
+logger = logging.getLogger("dpo_ray")
 
 
 @dataclass
@@ -57,7 +67,7 @@ def mark_complete(ckpt_dir: Path) -> None:
 
 
 def is_complete(ckpt_dir: Path) -> bool:
-    return (Path(ckpt_dir) / COMPLETE_MARKER).exists() and (Path(ckpt_dir) / "state.json").exists()
+    return (Path(ckpt_dir) / COMPLETE_MARKER).exists() and (Path(ckpt_dir) / STATE_FILE).exists()
 
 
 def save_training_state(ckpt_dir: Path, optimizer, scheduler, state: TrainState, metrics: dict[str, Any]) -> None:
@@ -68,11 +78,11 @@ def save_training_state(ckpt_dir: Path, optimizer, scheduler, state: TrainState,
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, ckpt_dir / "rng.pt")
-    (ckpt_dir / "state.json").write_text(json.dumps({"state": state.to_json(), "metrics": metrics}, indent=2))
+    (ckpt_dir / STATE_FILE).write_text(json.dumps({"state": state.to_json(), "metrics": metrics}, indent=2))
 
 
 def load_state(ckpt_dir: Path) -> TrainState:
-    data = json.loads((Path(ckpt_dir) / "state.json").read_text())
+    data = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
     return TrainState.from_json(data["state"])
 
 
@@ -100,3 +110,164 @@ def copy_model_dir(src: Path, dst: Path) -> Path:
         shutil.rmtree(dst)
     tmp.rename(dst)
     return dst
+
+
+# ------------------------------------------------------------------------------------ a run's checkpoints
+
+
+def build_checkpoint_config(cfg, score_attribute: str | None):
+    """Ray Train's ``CheckpointConfig`` for a run: the ``train.keep_checkpoints`` best by ``score_attribute``
+    (higher is better), or the newest when it is None. Ray always keeps the latest one as well."""
+    from ray.train import CheckpointConfig
+
+    if score_attribute is None:
+        return CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)
+    return CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute=score_attribute,
+                            checkpoint_score_order="max")
+
+
+class RayTrainCheckpoints:
+    """A run's checkpoints through Ray Train: reported with the metrics, then persisted and pruned by Ray."""
+
+    def find_latest(self) -> Path | None:
+        """The newest completely written checkpoint of this run, as a local directory, or None.
+
+        Ray hands back the latest registered checkpoint. If that one lacks the COMPLETE marker (a crash
+        while it was written), the newest complete sibling in the run's storage is used instead, so a
+        half-written checkpoint never stops a resume or sends it back to step 0.
+        """
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        local = Path(ckpt.to_directory())
+        if is_complete(local):
+            return local
+        logger.warning("checkpoint %s is incomplete (no COMPLETE marker); looking for an earlier one", ckpt.path)
+        run_dir = ckpt.path.rstrip("/").rsplit("/", 1)[0]
+        return fetch_checkpoint(ckpt.filesystem, find_complete_checkpoint(ckpt.filesystem, run_dir, skip=ckpt.path))
+
+    def report(self, metrics: dict[str, Any], write_fn: Callable[[Path], None]) -> None:
+        """Every rank reports (it is a barrier); rank 0 attaches a checkpoint written by ``write_fn(dir)``."""
+        import ray.train
+        from ray.train import Checkpoint
+
+        if ray.train.get_context().get_world_rank() == 0:
+            staging = make_staging_dir()
+            write_fn(staging)
+            mark_complete(staging)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(staging)))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+
+class LocalModeCheckpoints(RayTrainCheckpoints):
+    """A run's checkpoints in Ray Train's local mode, kept where Ray Train would keep them.
+
+    Local mode runs the loop in the driver and holds reported checkpoints only in memory, so on its own
+    nothing would survive the process. This writes each checkpoint to ``<run_dir>/checkpoint_<time>``
+    (COMPLETE last), prunes like :func:`build_checkpoint_config`, and resumes from the newest complete one.
+    ``run_dir`` is a local path or any URI pyarrow opens, as Ray's ``storage_path``.
+    """
+
+    def __init__(self, run_dir: str, checkpoint_config):
+        import pyarrow.fs as pafs
+
+        self.filesystem, self.run_dir = pafs.FileSystem.from_uri(run_dir)
+        self.config = checkpoint_config
+
+    def find_latest(self) -> Path | None:
+        return fetch_checkpoint(self.filesystem, find_complete_checkpoint(self.filesystem, self.run_dir))
+
+    def report(self, metrics: dict[str, Any], write_fn: Callable[[Path], None]) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        staging = make_staging_dir()
+        try:
+            write_fn(staging)
+            path = self.persist(staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.prune(keep=path)
+        ray.train.report(metrics, checkpoint=Checkpoint(path=path, filesystem=self.filesystem))
+
+    def persist(self, staging: Path) -> str:
+        """Copy a written checkpoint into the run directory, then write its COMPLETE marker."""
+        import pyarrow.fs as pafs
+
+        # Named by time, as Ray names them, so that names sort oldest first.
+        path = f"{self.run_dir}/checkpoint_{datetime.now().strftime('%Y-%m-%d_%H-%M-%S.%f')}"
+        self.filesystem.create_dir(path)
+        pafs.copy_files(str(staging), path, destination_filesystem=self.filesystem)
+        with self.filesystem.open_output_stream(f"{path}/{COMPLETE_MARKER}") as f:
+            f.write(b"ok\n")
+        return path
+
+    def prune(self, keep: str) -> None:
+        """Delete all but the ``num_to_keep`` best complete checkpoints and ``keep`` (the newest)."""
+        attr = self.config.checkpoint_score_attribute
+        scored = []
+        for index, path in enumerate(list_checkpoint_dirs(self.filesystem, self.run_dir)):  # oldest first
+            if not has_complete_marker(self.filesystem, path):
+                continue
+            metrics = read_state_json(self.filesystem, path).get("metrics", {})
+            score = metrics.get(attr, float("-inf")) if attr else index
+            scored.append((score if score == score else float("-inf"), index, path))  # NaN ranks last
+        scored.sort()
+        for _, _, path in scored[: max(len(scored) - self.config.num_to_keep, 0)]:
+            if path != keep:
+                self.filesystem.delete_dir(path)
+
+
+def open_run_checkpoints(cfg, score_attribute: str | None) -> RayTrainCheckpoints:
+    """The checkpoints of ``cfg``'s run, for its training loop (``score_attribute`` as in the trainer's config)."""
+    if cfg.scaling.num_workers == 0:
+        run_dir = f"{cfg.resolved_storage_path().rstrip('/')}/{cfg.run_name}"
+        return LocalModeCheckpoints(run_dir, build_checkpoint_config(cfg, score_attribute))
+    return RayTrainCheckpoints()
+
+
+def list_checkpoint_dirs(filesystem, run_dir: str) -> list[str]:
+    """``checkpoint_*`` directories under ``run_dir``, oldest first (Ray names them by time)."""
+    import pyarrow.fs as pafs
+
+    infos = filesystem.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+
+
+def has_complete_marker(filesystem, path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    infos = filesystem.get_file_info([f"{path}/{COMPLETE_MARKER}", f"{path}/{STATE_FILE}"])
+    return all(i.type == pafs.FileType.File for i in infos)
+
+
+def read_state_json(filesystem, path: str) -> dict[str, Any]:
+    with filesystem.open_input_stream(f"{path}/{STATE_FILE}") as f:
+        return json.loads(f.read())
+
+
+def find_complete_checkpoint(filesystem, run_dir: str, skip: str | None = None) -> str | None:
+    """The newest ``checkpoint_*`` in ``run_dir`` with its COMPLETE marker (other than ``skip``), or None."""
+    for path in reversed(list_checkpoint_dirs(filesystem, run_dir)):
+        if skip is not None and path.rstrip("/") == skip.rstrip("/"):
+            continue
+        if has_complete_marker(filesystem, path):
+            if skip is not None:
+                logger.warning("resuming from the earlier complete checkpoint %s", path)
+            return path
+    return None
+
+
+def fetch_checkpoint(filesystem, path: str | None) -> Path | None:
+    """A stored checkpoint as a local directory (downloaded unless it is on this machine's disk)."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    if path is None:
+        return None
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return Path(path)
+    return Path(Checkpoint(path=path, filesystem=filesystem).to_directory())

@@ -77,3 +77,43 @@ def check_cluster_resources(cfg: Config) -> None:
             f"{need_cpus:g} CPUs but the cluster has {have_cpus:g} (lower scaling.num_workers or "
             f"scaling.cpus_per_worker, or set scaling.allow_autoscale=true on an autoscaling cluster)"
         )
+
+
+FINISHED_JOB_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def find_leaked_placement_groups(groups, jobs) -> list[str]:
+    """Ids of placement groups that outlived their job: not detached, still holding (or waiting for)
+    resources, created by a driver job that has finished.
+
+    Ray removes a job's placement groups when the job ends, but a group created in the same instant
+    (a Train controller starting its workers while the driver is being stopped) survives that cleanup
+    and holds its CPUs for as long as the cluster lives. ``groups``/``jobs``: Ray State API records.
+    """
+    finished = {str(j.job_id) for j in jobs if getattr(j.status, "value", j.status) in FINISHED_JOB_STATES}
+    return [g.placement_group_id for g in groups
+            if g.creator_job_id in finished and not g.is_detached and g.state in ("CREATED", "PENDING")]
+
+
+def release_leaked_placement_groups() -> int:
+    """Remove the placement groups that outlived their job (see :func:`find_leaked_placement_groups`).
+
+    Called before a run or sweep asks for workers, so CPUs a stopped run leaked do not keep the new one
+    waiting forever (a resumed sweep once waited 8 minutes for the CPU of such a group). Needs the
+    State API (``ray[default]``); without it this logs a warning and does nothing.
+    """
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.state import list_jobs, list_placement_groups
+
+    address = ray.get_runtime_context().gcs_address
+    try:
+        groups = list_placement_groups(address=address, detail=True, limit=10_000, raise_on_missing_output=False)
+        leaked = find_leaked_placement_groups(groups, list_jobs(address=address, raise_on_missing_output=False))
+    except Exception as exc:  # no dashboard / State API
+        logger.warning("cannot check for placement groups left by finished jobs: %s", exc)
+        return 0
+    for group in leaked:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group))))
+        logger.warning("released placement group %s: its job had finished but it still held resources", group)
+    return len(leaked)

@@ -238,15 +238,13 @@ def sft_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from dpo_ray.checkpointing import save_training_state
+    from dpo_ray.checkpointing import open_run_checkpoints, save_training_state
     from dpo_ray.train_loop import (
+        EpochPlanner,
         all_reduce_sum,
         build_optimization,
         build_policy,
         count_steps,
-        latest_complete_checkpoint,
-        plan_epoch,
-        report_with_checkpoint,
         save_policy,
         say,
         set_up_worker,
@@ -260,7 +258,8 @@ def sft_loop_per_worker(loop_config: dict[str, Any]) -> None:
     eval_rows = collect_sft_examples(ray.train.get_dataset_shard(f"eval_{rank}")) if loop_config.get("has_eval") else []
     per_step, total_steps = count_steps(cfg, len(train_rows), world)
 
-    ckpt_dir = latest_complete_checkpoint()
+    checkpoints = open_run_checkpoints(cfg, score_attribute=None)  # newest kept, as build_sft_trainer's config
+    ckpt_dir = checkpoints.find_latest()
     lm = build_policy(cfg, model_path, device, ckpt_dir)
     model = ray.train.torch.prepare_model(lm, parallel_strategy="ddp")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -268,7 +267,7 @@ def sft_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ckpt_every = cfg.train.checkpoint_every or cfg.train.eval_every or total_steps
     start = time.perf_counter() - state.train_seconds
     window_nll = window_tokens = 0.0
-    plan, planned_epoch, metrics = [], -1, {}
+    metrics: dict[str, Any] = {}
     reported_final = False
 
     def report(is_last: bool) -> None:
@@ -282,19 +281,13 @@ def sft_loop_per_worker(loop_config: dict[str, Any]) -> None:
             save_policy(lm, tokenizer_path, directory, cfg, merge_lora=is_last)
             save_training_state(directory, optimizer, scheduler, state, snapshot)
 
-        report_with_checkpoint(snapshot, write)
+        checkpoints.report(snapshot, write)
         if rank == 0 and "eval_loss" in metrics:
             say(f"sft eval at step {state.step}: loss {metrics['eval_loss']:.4f}")
 
+    planner = EpochPlanner(train_rows, per_step, cfg)
     while state.step < total_steps:
-        if planned_epoch != state.epoch:
-            plan = plan_epoch(train_rows, per_step, cfg.train.seed, state.epoch, cfg.train.length_bucketing,
-                              cfg.train.shuffle)
-            planned_epoch = state.epoch
-        if state.batch_in_epoch >= len(plan):
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            continue
-        step_rows = [train_rows[i] for i in plan[state.batch_in_epoch]]
+        step_rows = planner.take_step_rows(state)
         optimizer.zero_grad(set_to_none=True)
         nll_sum, token_count = accumulate_sft_gradients(model, step_rows, cfg.train.micro_batch_size, pad_id, device)
         window_nll += nll_sum
@@ -329,9 +322,10 @@ def sft_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def build_sft_trainer(cfg: Config, datasets: dict[str, Any], model_path: str, pad_id: int):
     """A TorchTrainer running :func:`sft_loop_per_worker`; the same run name resumes from its latest checkpoint."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from dpo_ray.checkpointing import build_checkpoint_config
     from dpo_ray.trainer import split_for_workers
 
     resources = {"CPU": cfg.scaling.cpus_per_worker}
@@ -346,7 +340,7 @@ def build_sft_trainer(cfg: Config, datasets: dict[str, Any], model_path: str, pa
         run_config=RunConfig(
             name=cfg.run_name,
             storage_path=cfg.resolved_storage_path(),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            checkpoint_config=build_checkpoint_config(cfg, score_attribute=None),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
         ),
         datasets=split_for_workers(datasets, cfg.scaling.num_workers),
@@ -361,12 +355,13 @@ def run_sft(cfg: Config, model_path: str | None = None) -> dict[str, Any]:
     ``data.eval`` (optional) gives held-out examples whose NLL is reported.
     """
     from dpo_ray.checkpointing import copy_model_dir
-    from dpo_ray.cluster import check_cluster_resources
+    from dpo_ray.cluster import check_cluster_resources, release_leaked_placement_groups
     from dpo_ray.trainer import SUMMARY_FILE, pad_token_id, prepare_model_path, write_resolved_config
 
     begin = time.perf_counter()
     out = cfg.resolved_output_dir()
     write_resolved_config(cfg)
+    release_leaked_placement_groups()
     check_cluster_resources(cfg)
     model_path = model_path or prepare_model_path(cfg)
     datasets = {"train": prepare_sft_dataset(cfg, cfg.data.train, "data.train", model_path)}

@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import yaml
 from ray import tune
 
+from dpo_ray.cluster import release_leaked_placement_groups
 from dpo_ray.config import Config, ConfigError, config_from_dict
 
 logger = logging.getLogger("dpo_ray")
@@ -673,6 +674,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     resumed = can_resume(cfg)
     if resumed:
         check_resume_matches(cfg)
+    release_leaked_placement_groups()  # e.g. left by the interrupted run this one resumes
     check_sweep_resources(cfg)
     shared = prepare_shared_inputs(cfg)
     logger.info("prepared once for all trials: %d train / %d eval pairs, %d reference pass(es)",

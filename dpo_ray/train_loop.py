@@ -28,10 +28,8 @@ import ray.train.torch
 from dpo_ray.batching import order_by_length_buckets
 from dpo_ray.checkpointing import (
     TrainState,
-    is_complete,
     load_training_state,
-    make_staging_dir,
-    mark_complete,
+    open_run_checkpoints,
     save_training_state,
 )
 from dpo_ray.config import Config, config_from_dict
@@ -112,6 +110,31 @@ def plan_epoch(rows: Sequence[PairRow], pairs_per_step: int, seed: int, epoch: i
         return order_by_length_buckets([r.num_tokens for r in rows], pairs_per_step, gen)
     perm = torch.randperm(len(rows), generator=gen).tolist()
     return [perm[i : i + pairs_per_step] for i in range(0, len(perm), pairs_per_step)]
+
+
+class EpochPlanner:
+    """The rows of each optimizer step, epoch after epoch: the seeded :func:`plan_epoch` of ``state.epoch``,
+    batch ``state.batch_in_epoch``. It moves ``state`` on to the next epoch when one is used up; the
+    training loop counts ``batch_in_epoch`` up. Shared by the DPO and SFT loops, so both resume alike."""
+
+    def __init__(self, rows: Sequence, rows_per_step: int, cfg: Config):
+        self.rows, self.rows_per_step, self.cfg = rows, rows_per_step, cfg
+        self.plan: list[list[int]] = []
+        self.planned_epoch = -1
+
+    def take_step_rows(self, state: TrainState) -> list:
+        """Rows of the next step (``rows_per_step`` of them, fewer at an epoch's end)."""
+        while True:
+            if self.planned_epoch != state.epoch:
+                self.plan = plan_epoch(self.rows, self.rows_per_step, self.cfg.train.seed, state.epoch,
+                                       self.cfg.train.length_bucketing, self.cfg.train.shuffle)
+                self.planned_epoch = state.epoch
+                if not self.plan:
+                    raise ValueError("no training rows in this worker's shard")
+            if state.batch_in_epoch < len(self.plan):
+                return [self.rows[i] for i in self.plan[state.batch_in_epoch]]
+            state.epoch += 1
+            state.batch_in_epoch = 0
 
 
 def split_micro_batches(indices: list[int], micro_batch_size: int) -> list[list[int]]:
@@ -368,57 +391,6 @@ def save_policy(lm, tokenizer_path: str, out_dir: Path, cfg: Config, state_dict=
     tok.save_pretrained(str(out_dir / "model"))
 
 
-def report_with_checkpoint(metrics: dict[str, Any], write_fn) -> None:
-    """Every rank reports (it is a barrier); rank 0 attaches a checkpoint written by ``write_fn(dir)``."""
-    from ray.train import Checkpoint
-
-    if ray.train.get_context().get_world_rank() == 0:
-        staging = make_staging_dir()
-        write_fn(staging)
-        mark_complete(staging)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(staging)))
-    else:
-        ray.train.report(metrics, checkpoint=None)
-
-
-def latest_complete_checkpoint() -> Path | None:
-    """The newest completely written checkpoint of this run, as a local directory.
-
-    Ray hands back the latest registered checkpoint. If that one lacks the COMPLETE marker (a crash while
-    it was written), the newest complete sibling in the run's storage is used instead, so a half-written
-    checkpoint never stops a resume or sends it back to step 0.
-    """
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    local = Path(ckpt.to_directory())
-    if is_complete(local):
-        return local
-    logger.warning("checkpoint %s is incomplete (no COMPLETE marker); looking for an earlier one", ckpt.path)
-    return find_previous_complete_checkpoint(ckpt)
-
-
-def find_previous_complete_checkpoint(ckpt) -> Path | None:
-    """Newest sibling of ``ckpt`` in its run directory that has the COMPLETE marker (any pyarrow filesystem)."""
-    import pyarrow.fs as pafs
-    from ray.train import Checkpoint
-
-    run_dir = ckpt.path.rstrip("/").rsplit("/", 1)[0]
-    infos = ckpt.filesystem.get_file_info(pafs.FileSelector(run_dir))
-    candidates = sorted(
-        (i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
-        reverse=True,  # Ray names checkpoints by timestamp
-    )
-    for path in candidates:
-        if path.rstrip("/") == ckpt.path.rstrip("/"):
-            continue
-        local = Path(Checkpoint(path=path, filesystem=ckpt.filesystem).to_directory())
-        if is_complete(local):
-            logger.warning("resuming from the earlier complete checkpoint %s", path)
-            return local
-    return None
-
-
 # ------------------------------------------------------------------------------------ the loop
 
 
@@ -515,7 +487,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     eval_rows = collect_shard_rows(ray.train.get_dataset_shard(f"eval_{rank}"))
     pairs_per_step, total_steps = count_steps(cfg, len(train_rows), world)
 
-    ckpt_dir = latest_complete_checkpoint()
+    checkpoints = open_run_checkpoints(cfg, score_attribute="eval_accuracy")  # the one CheckpointConfig builds on
+    ckpt_dir = checkpoints.find_latest()
     lm = build_policy(cfg, model_path, device, ckpt_dir)
     scorer = PairLogProbs(lm, cfg.train.prefix_sharing, cfg.train.logits_chunk_size, cfg.train.response_only_logits)
     model = wrap_model(cfg, scorer)
@@ -542,19 +515,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         return write
 
-    epoch_plan: list[list[int]] = []
-    planned_epoch = -1
+    planner = EpochPlanner(train_rows, pairs_per_step, cfg)
     reported_final = False
     while state.step < total_steps:
-        if planned_epoch != state.epoch:
-            epoch_plan = plan_epoch(train_rows, pairs_per_step, cfg.train.seed, state.epoch, cfg.train.length_bucketing,
-                                    cfg.train.shuffle)
-            planned_epoch = state.epoch
-        if state.batch_in_epoch >= len(epoch_plan):
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            continue
-        step_rows = [train_rows[i] for i in epoch_plan[state.batch_in_epoch]]
+        step_rows = planner.take_step_rows(state)
         micro = split_micro_batches(list(range(len(step_rows))), cfg.train.micro_batch_size)
         optimizer.zero_grad(set_to_none=True)
         step_loss = step_acc = step_margin = 0.0
@@ -608,7 +572,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics = build_report_metrics(cfg, state, last_train, evaluate(stepper, eval_rows, cfg.train.micro_batch_size))
             metrics["interrupted"] = True
             full_state = gather_model_state(model, cfg)
-            report_with_checkpoint(metrics, write_checkpoint(final=False))
+            checkpoints.report(metrics, write_checkpoint(final=False))
             if rank == 0:
                 say(f"stop requested: checkpoint saved at step {state.step}/{total_steps}")
             reported_final = True
@@ -630,7 +594,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.train_seconds = seconds_before + time.perf_counter() - segment_start
             metrics = build_report_metrics(cfg, state, last_train, evaluate(stepper, eval_rows, cfg.train.micro_batch_size))
             full_state = gather_model_state(model, cfg)
-            report_with_checkpoint(metrics, write_checkpoint(final=is_last))
+            checkpoints.report(metrics, write_checkpoint(final=is_last))
             reported_final = is_last
             log_metrics(writers, {k: v for k, v in metrics.items() if k.startswith("eval_")}, state.step)
             if rank == 0:
@@ -644,7 +608,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Resumed a finished run: evaluate the restored policy and report it again, without training.
         metrics = build_report_metrics(cfg, state, last_train, evaluate(stepper, eval_rows, cfg.train.micro_batch_size))
         full_state = gather_model_state(model, cfg)
-        report_with_checkpoint(metrics, write_checkpoint(final=True))
+        checkpoints.report(metrics, write_checkpoint(final=True))
     for w in writers:
         if hasattr(w, "close"):
             w.close()

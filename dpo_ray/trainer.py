@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dpo_ray.checkpointing import copy_model_dir
+from dpo_ray.checkpointing import build_checkpoint_config, copy_model_dir
 from dpo_ray.config import Config, resolve_data_path
 from dpo_ray.interrupt import GracefulStop
 
@@ -70,7 +70,7 @@ def write_resolved_config(cfg: Config) -> Path:
 
 def build_trainer(cfg: Config, datasets: dict[str, Any], model_path: str, pad_id: int, callbacks=None):
     """A TorchTrainer for ``cfg``; the same run name and storage path resume from the latest checkpoint."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from dpo_ray.train_loop import train_loop_per_worker
@@ -87,11 +87,7 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], model_path: str, pad_id
         run_config=RunConfig(
             name=cfg.run_name,
             storage_path=cfg.resolved_storage_path(),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.train.keep_checkpoints,
-                checkpoint_score_attribute="eval_accuracy",
-                checkpoint_score_order="max",
-            ),
+            checkpoint_config=build_checkpoint_config(cfg, score_attribute="eval_accuracy"),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             callbacks=callbacks,
         ),
@@ -151,11 +147,12 @@ def run_dpo(cfg: Config, callbacks=None, prepared=None, model_path: str | None =
 
     ``prepared`` and ``model_path`` let a sweep hand in data prepared once for all its trials.
     """
-    from dpo_ray.cluster import check_cluster_resources
+    from dpo_ray.cluster import check_cluster_resources, release_leaked_placement_groups
 
     start = time.perf_counter()
     out = cfg.resolved_output_dir()
     write_resolved_config(cfg)
+    release_leaked_placement_groups()
     check_cluster_resources(cfg)
     if model_path is None:
         model_path = prepare_model_path(cfg)

@@ -19,6 +19,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train's controller polls its workers every 2 s; the tests' runs are seconds long, so poll faster
 # (Ray's processes inherit this from the session's ray.init).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train starts a PreemptionWatcher actor per run to watch for spot-instance preemption; one local node
+# is never preempted, and on 2 cores one actor less per run saves about a second (measured: 19.0 s -> 17.7 s
+# mean of 8 one-worker runs each).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")

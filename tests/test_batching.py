@@ -369,3 +369,20 @@ def test_epoch_plan_is_seeded_and_keeps_the_data_order_without_shuffle():
         assert plan == plan_epoch(rows, 4, 0, 0, bucketing)  # seeded
         assert sorted(i for batch in plan for i in batch) == list(range(10))  # every row once
     assert plan_epoch(rows, 4, 0, 0, False) != plan_epoch(rows, 4, 0, 1, False)  # a new order each epoch
+
+
+def test_epoch_planner_walks_the_plan_and_moves_the_state_to_the_next_epoch():
+    from dpo_ray.checkpointing import TrainState
+    from dpo_ray.config import build_config
+    from dpo_ray.train_loop import EpochPlanner, PairRow
+
+    rows = [PairRow(str(i), [1], [2], [3]) for i in range(5)]
+    planner = EpochPlanner(rows, 2, build_config(None, ["train.shuffle=false"]))
+    state, taken = TrainState(), []
+    for _ in range(4):  # as the loops do: take the step's rows, then count the batch
+        taken.append(([r.row_id for r in planner.take_step_rows(state)], state.epoch))
+        state.batch_in_epoch += 1
+    assert taken == [(["0", "1"], 0), (["2", "3"], 0), (["4"], 0), (["0", "1"], 1)]
+    assert (state.epoch, state.batch_in_epoch) == (1, 1)
+    resumed = EpochPlanner(rows, 2, build_config(None, ["train.shuffle=false"]))  # a resume: a fresh planner
+    assert [r.row_id for r in resumed.take_step_rows(state)] == ["2", "3"]

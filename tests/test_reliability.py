@@ -128,6 +128,30 @@ def test_half_written_latest_checkpoint_is_skipped_on_resume(baseline, workdir, 
         assert summary[key] == baseline[key], key
 
 
+@pytest.mark.slow
+def test_local_mode_resumes_from_its_stored_checkpoints_to_the_same_result(ray_session, workdir, pairs_file,
+                                                                           tiny_model_dir, capsys):
+    """``scaling.num_workers=0`` (the loop in the driver) keeps its checkpoints on disk like a Ray Train run:
+    with the latest one half-written, the same run resumes from the one before and ends where it did."""
+    from dpo_ray.trainer import run_dpo
+
+    cfg = make_config(workdir, pairs_file, tiny_model_dir, "local", "scaling.num_workers=0")
+    prepared = prepare(cfg)
+    first = run_dpo(cfg, prepared=prepared, model_path=tiny_model_dir)
+    run_dir = Path(cfg.resolved_storage_path()) / "local"
+    checkpoints = sorted(run_dir.glob("checkpoint_*"))
+    assert [json.loads((p / "state.json").read_text())["state"]["step"] for p in checkpoints] == [8, 16]
+    assert first["checkpoint_path"] == str(checkpoints[-1]) and first["steps"] == 16
+    (checkpoints[-1] / "COMPLETE").unlink()
+
+    capsys.readouterr()
+    again = run_dpo(cfg, prepared=prepared, model_path=tiny_model_dir)
+    assert "resuming from checkpoint at step 8/16" in capsys.readouterr().out  # the loop runs in this process
+    assert again["steps"] == 16 and again["checkpoint_path"] != first["checkpoint_path"]
+    for key in EVAL_KEYS:
+        assert again[key] == first[key], key
+
+
 def poison_row(prepared, row_id: str):
     """Give one training row a NaN reference log-prob, so its batch's loss is NaN."""
     def poison(batch):
