@@ -112,27 +112,24 @@ def stop_descendants(timeout_s: float = 20.0) -> int:
 
     me = psutil.Process()
     procs = me.children(recursive=True)
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    _, alive = psutil.wait_procs(signal_each(procs, "terminate"), timeout=timeout_s)
+    psutil.wait_procs(signal_each(alive, "kill"), timeout=5)
     # Daemons whose parents died meanwhile were re-parented to us: reap them too.
     late = me.children(recursive=True)
-    for p in late:
+    psutil.wait_procs(signal_each(late, "kill"), timeout=5)
+    return len(procs) + len(late)
+
+
+def signal_each(procs: list, method: str) -> list:
+    """Call ``terminate`` or ``kill`` on each process (those already gone are skipped); returns ``procs``."""
+    import psutil
+
+    for p in procs:
         try:
-            p.kill()
+            getattr(p, method)()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(late, timeout=5)
-    return len(procs) + len(late)
+    return procs
 
 
 def count_alive_nodes() -> int:
