@@ -141,9 +141,8 @@ class RayTrainCheckpoints:
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
-        local = Path(ckpt.to_directory())
-        if is_complete(local):
-            return local
+        if has_complete_marker(ckpt.filesystem, ckpt.path):  # checked in storage: nothing is copied first
+            return fetch_checkpoint(ckpt.filesystem, ckpt.path)
         logger.warning("checkpoint %s is incomplete (no COMPLETE marker); looking for an earlier one", ckpt.path)
         run_dir = ckpt.path.rstrip("/").rsplit("/", 1)[0]
         return fetch_checkpoint(ckpt.filesystem, find_complete_checkpoint(ckpt.filesystem, run_dir, skip=ckpt.path))

@@ -52,6 +52,9 @@ from dpo_ray.modeling import (
 logger = logging.getLogger("dpo_ray")
 
 
+CHECKPOINT_SCORE = "eval_accuracy"  # the checkpoints kept are the most accurate on held-out pairs
+
+
 class NonFiniteLossError(FloatingPointError):
     """A loss or gradient was NaN or infinite; the message names the step and the batch's rows."""
 
@@ -487,7 +490,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     eval_rows = collect_shard_rows(ray.train.get_dataset_shard(f"eval_{rank}"))
     pairs_per_step, total_steps = count_steps(cfg, len(train_rows), world)
 
-    checkpoints = open_run_checkpoints(cfg, score_attribute="eval_accuracy")  # the one CheckpointConfig builds on
+    checkpoints = open_run_checkpoints(cfg, score_attribute=CHECKPOINT_SCORE)
     ckpt_dir = checkpoints.find_latest()
     lm = build_policy(cfg, model_path, device, ckpt_dir)
     scorer = PairLogProbs(lm, cfg.train.prefix_sharing, cfg.train.logits_chunk_size, cfg.train.response_only_logits)

@@ -73,7 +73,7 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], model_path: str, pad_id
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from dpo_ray.train_loop import train_loop_per_worker
+    from dpo_ray.train_loop import CHECKPOINT_SCORE, train_loop_per_worker
 
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
@@ -87,7 +87,7 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], model_path: str, pad_id
         run_config=RunConfig(
             name=cfg.run_name,
             storage_path=cfg.resolved_storage_path(),
-            checkpoint_config=build_checkpoint_config(cfg, score_attribute="eval_accuracy"),
+            checkpoint_config=build_checkpoint_config(cfg, score_attribute=CHECKPOINT_SCORE),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             callbacks=callbacks,
         ),
