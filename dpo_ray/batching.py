@@ -4,7 +4,8 @@ Two layouts, numerically equivalent in fp32:
 
 * **prefix sharing** (the default): one row per pair, ``[prompt | chosen | rejected | pad]``. The
   prompt runs once; rejected tokens attend to the prompt and to themselves but not to chosen; their
-  position ids continue from the end of the prompt, as if chosen were not there. Rows are padded to
+  position ids continue from the end of the prompt, as if chosen were not there. The attention masks
+  that say so, per layer type, come from :func:`dpo_ray.families.build_prefix_sharing_masks`. Rows are padded to
   the longest row of the batch only (length-bucketed batches keep that small).
 * **separate** (the plain path, as TRL does it): two rows per pair, ``[prompt | chosen]`` and
   ``[prompt | rejected]``, padded to a common length, scored from full logits.
@@ -24,10 +25,15 @@ Pair = tuple[Sequence[int], Sequence[int], Sequence[int]]
 SEG_PAD, SEG_PROMPT, SEG_CHOSEN, SEG_REJECTED = -1, 0, 1, 2
 
 
-def build_prefix_sharing_batch(pairs: Sequence[Pair], pad_id: int) -> dict[str, torch.Tensor]:
+def round_up_length(length: int, multiple: int) -> int:
+    """``length`` rounded up to a multiple of ``multiple`` (>= 1)."""
+    return -(-length // multiple) * multiple
+
+
+def build_prefix_sharing_batch(pairs: Sequence[Pair], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Pack each pair into one row ``[prompt | chosen | rejected]``.
 
-    Returns a dict of tensors (B pairs, L = longest row):
+    Returns a dict of tensors (B pairs, L = longest row, rounded up to ``pad_to_multiple_of``):
         input_ids      [B, L] int64
         position_ids   [B, L] int64; rejected restarts at len(prompt)
         segment_ids    [B, L] int64; SEG_PROMPT / SEG_CHOSEN / SEG_REJECTED / SEG_PAD
@@ -39,7 +45,7 @@ def build_prefix_sharing_batch(pairs: Sequence[Pair], pad_id: int) -> dict[str, 
     """
     if not pairs:
         raise ValueError("cannot build a batch from zero pairs")
-    length = max(len(p) + len(c) + len(r) for p, c, r in pairs)
+    length = round_up_length(max(len(p) + len(c) + len(r) for p, c, r in pairs), pad_to_multiple_of)
     bsz = len(pairs)
     input_ids = torch.full((bsz, length), pad_id, dtype=torch.long)
     position_ids = torch.zeros((bsz, length), dtype=torch.long)
@@ -79,38 +85,18 @@ def build_prefix_sharing_batch(pairs: Sequence[Pair], pad_id: int) -> dict[str, 
     }
 
 
-def build_prefix_sharing_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean attention mask for prefix-shared rows.
-
-    Query i may attend key j when j <= i, j is not padding, and j is in the prompt or in the same
-    response as i. Padding queries attend to themselves only, so no softmax row is empty.
-
-    Args:
-        segment_ids: [B, L] from :func:`build_prefix_sharing_batch`.
-
-    Returns:
-        [B, 1, L, L] bool, True where attention is allowed.
-    """
-    length = segment_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
-    q = segment_ids.unsqueeze(2)  # [B, L, 1]
-    k = segment_ids.unsqueeze(1)  # [B, 1, L]
-    visible = ((k == SEG_PROMPT) & (q != SEG_PAD)) | ((k == q) & (k != SEG_PAD))
-    eye = torch.eye(length, dtype=torch.bool, device=segment_ids.device)
-    mask = (causal & visible) | (eye & (q == SEG_PAD))
-    return mask.unsqueeze(1)
-
-
-def build_separate_batch(pairs: Sequence[Pair], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """Two rows per pair: rows 0..B-1 are ``[prompt | chosen]``, rows B..2B-1 ``[prompt | rejected]``.
+def build_separate_batch(pairs: Sequence[Pair], pad_id: int, padding_side: str = "right",
+                         pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Two rows per pair: rows 0..B-1 are ``[prompt | chosen]``, rows B..2B-1 ``[prompt | rejected]``, padded
+    to the longest row rounded up to ``pad_to_multiple_of``.
 
     Returns:
         input_ids [2B, T], attention_mask [2B, T], loss_mask [2B, T] (1 on response tokens only),
         position_ids [2B, T] (0.. from the first real token, whichever side is padded),
-        chosen_lengths [B].
+        chosen_lengths, rejected_lengths [B] response token counts.
     """
     seqs = [(list(p), list(c)) for p, c, _ in pairs] + [(list(p), list(r)) for p, _, r in pairs]
-    length = max(len(p) + len(y) for p, y in seqs)
+    length = round_up_length(max(len(p) + len(y) for p, y in seqs), pad_to_multiple_of)
     n = len(seqs)
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, length), dtype=torch.long)
@@ -129,6 +115,7 @@ def build_separate_batch(pairs: Sequence[Pair], pad_id: int, padding_side: str =
         "loss_mask": loss_mask,
         "position_ids": position_ids,
         "chosen_lengths": torch.tensor([len(c) for _, c, _ in pairs], dtype=torch.long),
+        "rejected_lengths": torch.tensor([len(r) for _, _, r in pairs], dtype=torch.long),
     }
 
 

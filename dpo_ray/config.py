@@ -9,7 +9,6 @@ fails with one line naming the key before Ray starts anything.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import types
 import typing
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from dpo_ray.losses import LossType
 
 # Repository root: the bundled data and presets live here when running from a checkout or a
 # `ray job submit --working-dir .` upload.
@@ -29,13 +30,9 @@ class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names the key."""
 
 
-class LossName(str, enum.Enum):
-    """Loss types accepted by ``dpo.loss_type`` (TRL's names); behaviour lives in ``dpo_ray.losses``."""
-
-    SIGMOID = "sigmoid"
-    IPO = "ipo"
-    HINGE = "hinge"
-    ROBUST = "robust"
+# model.attn_implementation values: "auto" (transformers picks: from_pretrained gets None) and transformers' own
+# built-in implementations; checked here so that a typo fails before Ray starts, not in every worker.
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
 @dataclass
@@ -67,8 +64,10 @@ class TinyModelSettings:
 class ModelSettings:
     name_or_path: str = ""  # hub id or local HF directory; empty builds the tiny model
     trust_remote_code: bool = False  # never run a repository's code unless the user opts in
-    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU | float32 | bfloat16
-    attn_implementation: str = "sdpa"  # sdpa runs everywhere; flash_attention_2 on GPUs that have it
+    dtype: str = "auto"  # weights: auto = float32 (bf16 compute comes from train.mixed_precision) | float32 | bfloat16
+    # auto = what transformers picks for the model: sdpa where the family supports it, else eager (e.g. Gemma 2,
+    # which soft-caps attention logits); or eager | sdpa | flex_attention | flash_attention_2 | flash_attention_3
+    attn_implementation: str = "auto"
     gradient_checkpointing: bool = False  # trades ~30% compute for activation memory
     tiny: TinyModelSettings = field(default_factory=TinyModelSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -82,7 +81,7 @@ class DataSettings:
     split: str = "train"  # split name when data.train is a hub dataset id or HF dataset directory
     eval_split: str = ""  # split of a hub dataset for evaluation (empty: hold out a fraction)
     column_map: dict[str, str] = field(default_factory=dict)  # e.g. {question: prompt, good: chosen}
-    eval_fraction: float = 0.1  # held-out share when no eval file is given
+    eval_fraction: float = 0.1  # held-out share of the prompts (all pairs of a prompt on one side) when no eval file is given
     split_seed: int = 1234  # the held-out split depends on this seed only, not on workers
     max_length: int = 1024  # TRL's default; HH prompts are long (at 512, 3% of the bundled rows exceed it)
     max_prompt_length: int = 0  # 0 = max_length // 2; prompts are cut from the start down to this
@@ -94,8 +93,8 @@ class DataSettings:
 @dataclass
 class DPOSettings:
     beta: float = 0.1  # the paper's default KL strength
-    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge | robust
-    label_smoothing: float = 0.0  # robust / conservative DPO: assumed label-flip rate, in [0, 0.5)
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo (per-token averaged, as TRL) | hinge | robust: TRL's names
+    label_smoothing: float = 0.0  # label-flip rate in [0, 0.5) assumed by sigmoid (cDPO) and robust; 0 for the others
     rpo_alpha: float = 0.0  # weight of the NLL term on chosen responses (RPO); 0 disables it
     reference: str = "precomputed"  # precomputed | model | adapter (LoRA only)
 
@@ -125,6 +124,9 @@ class TrainSettings:
     response_only_logits: bool = True  # output head on response positions only, chunked: no [T x V] fp32 logits
     logits_chunk_size: int = 1024  # response positions per chunk of the chunked log-softmax
     skip_nonfinite: bool = False  # skip a batch whose loss or gradient is not finite instead of failing
+    # as TRL's DPOConfig.disable_dropout: dropout would make the policy's chosen and rejected passes, and the
+    # policy against the reference, see different random masks, so the margin would be noisy and biased
+    disable_dropout: bool = True
 
 
 @dataclass
@@ -365,8 +367,15 @@ def _require_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
 def validate_config(cfg: Config) -> None:
     """Reject values that cannot train; each error names the key (one line, before Ray starts)."""
     _require(cfg.dpo.beta > 0, "dpo.beta", f"must be > 0; got {cfg.dpo.beta}")
-    _require_choice(cfg.dpo.loss_type, "dpo.loss_type", tuple(m.value for m in LossName))
+    _require_choice(cfg.dpo.loss_type, "dpo.loss_type", tuple(m.value for m in LossType))
     _require(0.0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
+    loss_type = LossType(cfg.dpo.loss_type)
+    _require(
+        cfg.dpo.label_smoothing == 0 or loss_type.uses_label_smoothing,
+        "dpo.label_smoothing",
+        f"{cfg.dpo.label_smoothing} has no effect on dpo.loss_type={loss_type.value}; only "
+        f"{', '.join(m.value for m in LossType if m.uses_label_smoothing)} use label smoothing (set it to 0)",
+    )
     _require(cfg.dpo.rpo_alpha >= 0, "dpo.rpo_alpha", "must be >= 0")
     _require_choice(cfg.dpo.reference, "dpo.reference", ("precomputed", "model", "adapter"))
     _require(
@@ -387,6 +396,12 @@ def validate_config(cfg: Config) -> None:
         cfg.train.strategy == "ddp" or cfg.scaling.use_gpu,
         "train.strategy",
         "fsdp shards a model over GPUs and needs scaling.use_gpu=true; CPU workers use ddp",
+    )
+    _require(
+        not (cfg.model.lora.enabled and cfg.train.strategy == "fsdp"),
+        "train.strategy",
+        "fsdp with model.lora.enabled=true is not supported: the adapter-off reference and the adapter saving "
+        "are not FSDP-safe here; use train.strategy=ddp for LoRA",
     )
     _require(cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _require(cfg.train.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
@@ -414,6 +429,7 @@ def validate_config(cfg: Config) -> None:
     _require(0.0 <= cfg.data.max_invalid_fraction <= 1.0, "data.max_invalid_fraction", "must be in [0, 1]")
     _require(bool(cfg.data.train), "data.train", "must name a file, directory or dataset id")
     _require_choice(cfg.model.dtype, "model.dtype", ("auto", "float32", "bfloat16"))
+    _require_choice(cfg.model.attn_implementation, "model.attn_implementation", ATTN_IMPLEMENTATIONS)
     _require_choice(cfg.model.tiny.architecture, "model.tiny.architecture", ("llama", "qwen2"))
     _require(cfg.model.lora.r >= 1, "model.lora.r", "must be >= 1")
     _require(bool(cfg.run_name), "run_name", "must not be empty")

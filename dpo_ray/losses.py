@@ -8,6 +8,11 @@ Notation (Rafailov et al., 2023, arXiv 2305.18290):
     implicit reward  r(x, y) = beta * (log pi_theta(y|x) - log pi_ref(y|x))              (Eq. 5)
     DPO loss         L = -log sigmoid(r(x, y_w) - r(x, y_l))                             (Eq. 7)
     gradient         dL/dtheta = -beta * sigmoid(r_l - r_w) * (grad log pi(y_w) - grad log pi(y_l))
+
+IPO (Azar et al., 2023, arXiv 2310.12036, Eq. 17) as TRL 1.16's DPOTrainer computes it: each log-ratio is
+divided by its response's token count first, h_bar = h_w / n_w - h_l / n_l, then L = (h_bar - 1/(2 tau))^2.
+TRL added the per-token average after checking with the IPO authors: with summed log-ratios the squared
+loss grows with response length, so no single tau suits short and long responses.
 """
 
 from __future__ import annotations
@@ -96,7 +101,8 @@ def sum_by_segment(token_logps: torch.Tensor, segment: torch.Tensor, num_segment
 
 def _sigmoid_loss(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
     # DPO, Eq. 7; with label_smoothing eps it is conservative DPO (cDPO): the label is flipped
-    # with probability eps, so the target is the expected loss under that noise.
+    # with probability eps, so the target is the expected loss under that noise. (TRL 0.x did the same;
+    # TRL 1.16's "sigmoid" ignores label_smoothing, which it keeps for robust, exo_pair and aot.)
     return -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
 
 
@@ -108,7 +114,8 @@ def _robust_loss(logits: torch.Tensor, beta: float, label_smoothing: float) -> t
 
 
 def _ipo_loss(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
-    # IPO (Azar et al., 2023, Eq. 17): squared distance of the log-ratio gap from 1 / (2 tau), tau = beta.
+    # IPO (Azar et al., 2023, Eq. 17): squared distance of the log-ratio gap from 1 / (2 tau), tau = beta;
+    # compute_dpo_loss hands it the gap of per-token averaged log-ratios (LossType.IPO.averages_per_token).
     return (logits - 1 / (2 * beta)) ** 2
 
 
@@ -118,28 +125,56 @@ def _hinge_loss(logits: torch.Tensor, beta: float, label_smoothing: float) -> to
 
 
 class LossType(enum.Enum):
-    """A loss variant; ``LossType("ipo").per_pair_loss(...)`` computes it."""
+    """A loss variant; ``LossType("ipo").per_pair_loss(...)`` computes it.
 
-    SIGMOID = ("sigmoid", _sigmoid_loss)
-    IPO = ("ipo", _ipo_loss)
-    HINGE = ("hinge", _hinge_loss)
-    ROBUST = ("robust", _robust_loss)
+    Each member carries what :func:`compute_dpo_loss` needs to know about it:
 
-    def __new__(cls, name: str, fn: Callable[[torch.Tensor, float, float], torch.Tensor]):
+    * ``averages_per_token``: the log-ratio gap is formed from per-token averages (each response's summed
+      log-ratio divided by its token count) instead of sums; then both token counts are required.
+    * ``uses_label_smoothing``: ``label_smoothing`` changes the loss; for the others a non-zero value
+      would be silently ignored, so it is refused.
+    """
+
+    #          name       per-pair loss  averages_per_token, uses_label_smoothing
+    SIGMOID = ("sigmoid", _sigmoid_loss, False, True)  # label smoothing makes it cDPO
+    IPO = ("ipo", _ipo_loss, True, False)  # TRL's per-token average (see the module docstring)
+    HINGE = ("hinge", _hinge_loss, False, False)
+    ROBUST = ("robust", _robust_loss, False, True)  # label smoothing is its assumed flip rate
+
+    def __new__(
+        cls,
+        name: str,
+        fn: Callable[[torch.Tensor, float, float], torch.Tensor],
+        averages_per_token: bool,
+        uses_label_smoothing: bool,
+    ):
         obj = object.__new__(cls)
         obj._value_ = name
         obj.fn = fn
+        obj.averages_per_token = averages_per_token
+        obj.uses_label_smoothing = uses_label_smoothing
         return obj
 
     def per_pair_loss(self, logits: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
-        """[B] loss of each pair from ``logits`` = h_w - h_l, the gap of log-ratios (not yet times beta)."""
+        """[B] loss of each pair from ``logits`` = the [B] gap of log-ratios h_w - h_l (not yet times beta).
+
+        The gap is taken as given: for a member with ``averages_per_token`` the caller passes the gap of
+        per-token averages (:func:`compute_dpo_loss` does).
+        """
         return self.fn(logits, beta, label_smoothing)
+
+
+def _per_token(summed: torch.Tensor, token_counts: torch.Tensor) -> torch.Tensor:
+    """[B] per-token average: ``summed`` [B] (a log-prob or log-ratio sum) over ``token_counts`` [B] (int)."""
+    # clamped at 1 as TRL does: an empty response (the data pipeline drops them) must not divide by zero
+    return summed / token_counts.clamp(min=1).to(device=summed.device, dtype=summed.dtype)
 
 
 @dataclass
 class DPOOutput:
     loss: torch.Tensor  # [] mean over pairs (plus the RPO term)
     losses: torch.Tensor  # [B] per-pair preference loss
+    # rewards come from the summed log-probs for every loss type (IPO too), as TRL 1.16 logs rewards/*
     chosen_rewards: torch.Tensor  # [B] beta * (log pi(y_w) - log pi_ref(y_w)), detached
     rejected_rewards: torch.Tensor  # [B] likewise for y_l, detached
 
@@ -154,31 +189,59 @@ def compute_dpo_loss(
     label_smoothing: float = 0.0,
     rpo_alpha: float = 0.0,
     chosen_token_counts: torch.Tensor | None = None,
+    rejected_token_counts: torch.Tensor | None = None,
 ) -> DPOOutput:
     """DPO loss of a batch of pairs (Eq. 7) or one of its variants.
+
+    The per-pair loss sees the log-ratio gap h = h_w - h_l. For ``ipo`` (Azar et al., 2023, Eq. 17) it is
+    TRL's per-token average, h_w / n_w - h_l / n_l, which equals averaging the policy and the reference
+    log-probs of each response over its n tokens. The reported rewards stay ``beta * h`` of the summed
+    log-probs for every loss type, as TRL 1.16 logs ``rewards/*``.
 
     Args:
         policy_chosen_logps, policy_rejected_logps: [B] summed response log-probs under pi_theta.
         ref_chosen_logps, ref_rejected_logps: [B] the same under the frozen pi_ref.
         beta: KL strength (for IPO it is tau).
         loss_type: a :class:`LossType` or its name.
-        label_smoothing: label-flip rate for ``sigmoid`` (cDPO) and ``robust`` (rDPO).
+        label_smoothing: label-flip rate for ``sigmoid`` (cDPO) and ``robust`` (rDPO); must be 0 for
+            the loss types that do not use it (``LossType.uses_label_smoothing``).
         rpo_alpha: weight of the NLL term on chosen responses (RPO, Pang et al., 2024); the term is
             the mean token NLL, ``-policy_chosen_logps / chosen_token_counts``, averaged over pairs.
-        chosen_token_counts: [B] response tokens in each chosen response; needed when rpo_alpha > 0.
+        chosen_token_counts: [B] int response tokens in each chosen response; needed when rpo_alpha > 0
+            or the loss averages per token (``ipo``).
+        rejected_token_counts: [B] int response tokens in each rejected response; needed when the loss
+            averages per token (``ipo``).
 
     Returns:
         :class:`DPOOutput` with the scalar loss, per-pair losses and detached rewards.
+
+    Raises:
+        ValueError: unknown loss type; label_smoothing > 0 for a loss that ignores it; token counts
+            missing where the loss or the RPO term needs them.
     """
     loss_type = LossType(loss_type) if not isinstance(loss_type, LossType) else loss_type
+    if label_smoothing > 0 and not loss_type.uses_label_smoothing:
+        users = ", ".join(m.value for m in LossType if m.uses_label_smoothing)
+        raise ValueError(
+            f"label_smoothing={label_smoothing} has no effect on loss_type={loss_type.value!r}; only {users} use it"
+        )
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    losses = loss_type.per_pair_loss(chosen_logratios - rejected_logratios, beta, label_smoothing)
+    if loss_type.averages_per_token:
+        if chosen_token_counts is None or rejected_token_counts is None:
+            raise ValueError(
+                f"loss_type={loss_type.value!r} averages log-probs per token and needs both "
+                "chosen_token_counts and rejected_token_counts"
+            )
+        gaps = _per_token(chosen_logratios, chosen_token_counts) - _per_token(rejected_logratios, rejected_token_counts)
+    else:
+        gaps = chosen_logratios - rejected_logratios
+    losses = loss_type.per_pair_loss(gaps, beta, label_smoothing)
     loss = losses.mean()
     if rpo_alpha > 0:
         if chosen_token_counts is None:
             raise ValueError("rpo_alpha > 0 needs chosen_token_counts for the per-token NLL")
-        nll = -(policy_chosen_logps / chosen_token_counts.clamp(min=1).to(policy_chosen_logps.dtype)).mean()
+        nll = -_per_token(policy_chosen_logps, chosen_token_counts).mean()
         loss = loss + rpo_alpha * nll
     return DPOOutput(
         loss=loss,

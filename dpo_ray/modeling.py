@@ -8,20 +8,28 @@ gradient synchronisation hooks see every call.
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from dpo_ray.batching import Pair, build_prefix_sharing_batch, build_prefix_sharing_mask, build_separate_batch
-from dpo_ray.losses import compute_sequence_logps, compute_token_logps_chunked, sum_by_segment
+from dpo_ray.batching import Pair, build_prefix_sharing_batch, build_separate_batch
+from dpo_ray.families import (
+    build_prefix_sharing_masks,
+    check_logit_head,
+    output_head,
+    resolve_logit_transform,
+    resolve_prefix_sharing,
+)
+from dpo_ray.losses import compute_token_logps_chunked, sum_by_segment
+from dpo_ray.precision import in_eval_mode
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bf16 on GPU (tensor cores) and fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
-    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
+# CPU attention kernels reduce over the padded key length in 16-wide vectors plus a scalar tail, so a pair's
+# bf16 log-probs changed with its batch's padded length; padding every batch to a multiple of 16 (the widest
+# fp32 vector, AVX-512; AVX2's 8 and NEON's 4 divide it) keeps a pair's positions in full vectors and adds only
+# exact zeros, so step-0 margins are exactly 0 (tests/test_precision_modes.py). Costs 7.5 positions per row.
+LENGTH_MULTIPLE = 16
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -37,17 +45,22 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 def load_causal_lm(
     name_or_path: str,
     dtype: torch.dtype = torch.float32,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     trust_remote_code: bool = False,
     device: torch.device | str = "cpu",
 ):
-    """Load a causal LM from a hub id or local HF directory; remote code stays off unless asked."""
+    """Load a causal LM from a hub id or local HF directory; remote code stays off unless asked.
+
+    ``attn_implementation="auto"`` lets transformers pick what the family supports (sdpa where it can,
+    eager for e.g. Gemma 2, whose attention soft-capping sdpa cannot do); ``model.config._attn_implementation``
+    then says what was chosen.
+    """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path,
         dtype=dtype,
-        attn_implementation=attn_implementation,
+        attn_implementation=None if attn_implementation == "auto" else attn_implementation,
         trust_remote_code=trust_remote_code,
     )
     return model.to(device)
@@ -69,74 +82,79 @@ def unwrap_base_model(lm: nn.Module) -> nn.Module:
 
 
 class PairLogProbs(nn.Module):
-    """Summed response log-probs of chosen and rejected for each pair.
+    """Summed response log-probs of chosen and rejected for each pair, equal to the model's own forward.
 
-    Two independent switches, each numerically equivalent to the plain path in fp32:
-    ``prefix_sharing`` runs the prompt once per pair (``[prompt | chosen | rejected]`` rows) instead of
-    two padded rows per pair; ``response_only`` sends only the hidden states that predict response
-    tokens through the output head, ``chunk_size`` rows at a time, instead of materializing
-    ``[B, T, V]`` logits for every position.
+    Two independent switches, each numerically equivalent to scoring every sequence alone with the
+    model's own ``forward().logits`` (tests/test_model_families.py checks it per family):
+    ``prefix_sharing`` runs the prompt once per pair (``[prompt | chosen | rejected]`` rows, with the
+    family's per-layer masks from :mod:`dpo_ray.families`) instead of two padded rows per pair; it is
+    turned off, with one log line, for families whose attention it cannot reproduce (``self.prefix_sharing``
+    holds the layout in use, so build batches with :meth:`build_batch`). ``response_only`` sends only the
+    hidden states that predict response tokens through the output head (with the family's logit
+    transform), ``chunk_size`` rows at a time, instead of materializing ``[B, T, V]`` logits.
     """
 
     def __init__(self, lm: nn.Module, prefix_sharing: bool = True, chunk_size: int = 1024, response_only: bool = True):
         super().__init__()
         self.lm = lm
-        self.prefix_sharing = prefix_sharing
+        base = unwrap_base_model(lm)
+        self.prefix_sharing = resolve_prefix_sharing(base.config, prefix_sharing)
         self.chunk_size = chunk_size
         self.response_only = response_only
+        if response_only:
+            self.logit_transform = resolve_logit_transform(base.config)
+            check_logit_head(base, self.logit_transform)
+
+    def build_batch(self, pairs: Sequence[Pair], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Model inputs for ``pairs`` in the layout this scorer uses, on ``device``, padded to a multiple of
+        :data:`LENGTH_MULTIPLE` so that a pair scores the same in any batch (policy and reference passes
+        batch pairs differently)."""
+        return build_pair_batch(pairs, pad_id, self.prefix_sharing, device, LENGTH_MULTIPLE)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``batch`` from :func:`build_pair_batch`; returns ([B] chosen logps, [B] rejected logps)."""
+        """``batch`` from :meth:`build_batch`; returns ([B] chosen logps, [B] rejected logps)."""
         if "segment_ids" in batch:
             return self._forward_prefix_sharing(batch)
         return self._forward_separate(batch)
 
-    def _token_logps(self, hidden: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, targets: torch.Tensor):
-        """[N] log p(targets) predicted by ``hidden[rows, pos]``; hidden is [B, L, H]."""
-        head = unwrap_base_model(self.lm).get_output_embeddings()
+    def _score_tokens(self, inputs: dict[str, Any], rows: torch.Tensor, pos: torch.Tensor,
+                      targets: torch.Tensor) -> torch.Tensor:
+        """[N] log p(targets[n]) predicted at ``(rows[n], pos[n])`` of the batch ``inputs`` describes."""
         if self.response_only:
+            base = unwrap_base_model(self.lm)
+            hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [B, L, H]
+            head = output_head(base, self.logit_transform)
             return compute_token_logps_chunked(hidden[rows, pos], targets, head, self.chunk_size)
-        logps = torch.log_softmax(head(hidden).float(), dim=-1)  # [B, L, V]: the plain, memory-hungry path
-        return logps[rows, pos, targets]
-
-    def _decode(self, **inputs) -> torch.Tensor:
-        return unwrap_base_model(self.lm).get_decoder()(**inputs, use_cache=False).last_hidden_state
+        logits = self.lm(**inputs, use_cache=False).logits  # [B, L, V]: the model's own forward, memory-hungry
+        return torch.log_softmax(logits[rows, pos].float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
     def _forward_prefix_sharing(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         base = unwrap_base_model(self.lm)
-        mask = build_prefix_sharing_mask(batch["segment_ids"])
-        if base.config._attn_implementation != "sdpa":
-            # eager attention adds the mask to the scores: turn "allowed" into 0 / dtype-min
-            dtype = next(base.parameters()).dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        hidden = self._decode(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"])
-        token_logps = self._token_logps(hidden, batch["target_batch"], batch["target_pos"], batch["target_ids"])
+        mask = build_prefix_sharing_masks(base.config, batch["segment_ids"], batch["position_ids"],
+                                          base.get_input_embeddings().weight.dtype)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
+        token_logps = self._score_tokens(inputs, batch["target_batch"], batch["target_pos"], batch["target_ids"])
         seq = sum_by_segment(token_logps, batch["target_seq"], 2 * batch["input_ids"].shape[0])
         seq = seq.view(-1, 2)
         return seq[:, 0], seq[:, 1]
 
     def _forward_separate(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.response_only:
-            hidden = self._decode(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  position_ids=batch["position_ids"])
-            rows, pos = batch["loss_mask"][:, 1:].nonzero(as_tuple=True)  # token pos+1 is predicted at pos
-            token_logps = self._token_logps(hidden, rows, pos, batch["input_ids"][rows, pos + 1])
-            logps = sum_by_segment(token_logps, rows, batch["input_ids"].shape[0])
-        else:
-            logits = self.lm(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"],
-                use_cache=False,
-            ).logits
-            logps = compute_sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        rows, pos = batch["loss_mask"][:, 1:].nonzero(as_tuple=True)  # token pos+1 is predicted at pos
+        token_logps = self._score_tokens(inputs, rows, pos, batch["input_ids"][rows, pos + 1])
+        logps = sum_by_segment(token_logps, rows, batch["input_ids"].shape[0])
         half = logps.shape[0] // 2
         return logps[:half], logps[half:]
 
 
-def build_pair_batch(pairs: Sequence[Pair], pad_id: int, prefix_sharing: bool, device: torch.device | str = "cpu"):
-    """Model inputs for ``pairs`` in the layout that :class:`PairLogProbs` expects, on ``device``."""
-    batch = build_prefix_sharing_batch(pairs, pad_id) if prefix_sharing else build_separate_batch(pairs, pad_id)
+def build_pair_batch(pairs: Sequence[Pair], pad_id: int, prefix_sharing: bool, device: torch.device | str = "cpu",
+                     pad_to_multiple_of: int = 1):
+    """Model inputs for ``pairs`` in the given layout, on ``device`` (prefer :meth:`PairLogProbs.build_batch`,
+    which knows the layout the model allows)."""
+    if prefix_sharing:
+        batch = build_prefix_sharing_batch(pairs, pad_id, pad_to_multiple_of)
+    else:
+        batch = build_separate_batch(pairs, pad_id, pad_to_multiple_of=pad_to_multiple_of)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -160,12 +178,9 @@ def score_pairs(
     device: torch.device | str = "cpu",
     response_only: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B] chosen, [B] rejected) summed response log-probs under ``lm`` in eval mode, no grad."""
-    was_training = lm.training
-    lm.eval()
-    try:
+    """([B] chosen, [B] rejected) summed response log-probs under ``lm`` in eval mode, no grad (every
+    submodule's own mode is restored afterwards)."""
+    with in_eval_mode(lm):
         scorer = PairLogProbs(lm, prefix_sharing=prefix_sharing, chunk_size=chunk_size, response_only=response_only)
-        chosen, rejected = scorer(build_pair_batch(pairs, pad_id, prefix_sharing, device))
-    finally:
-        lm.train(was_training)
+        chosen, rejected = scorer(scorer.build_batch(pairs, pad_id, device))
     return chosen.float().cpu(), rejected.float().cpu()

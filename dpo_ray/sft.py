@@ -5,14 +5,18 @@ preferred responses, ``pi_ref = argmax E_(x, y_w) log pi(y_w | x)`` (Rafailov et
 same loop is the Preferred-FT baseline of the paper's experiments.
 
 The data is read and tokenized exactly as the DPO pipeline does it (:mod:`dpo_ray.data`): any source
-``data.train`` accepts, with rows holding ``prompt`` and ``chosen`` strings (``rejected`` is ignored and may
-be absent); BOS starts the prompt, EOS ends the response. The loss is the mean negative log-likelihood of
+``data.train`` accepts, in any of its formats (explicit ``prompt`` and ``chosen`` strings, implicit-prompt
+dialogues such as Anthropic HH, conversational messages through the chat template; ``data.format`` or
+detected), with ``rejected`` ignored and possibly absent; BOS starts the prompt, EOS ends the response.
+Every row that cannot be used is counted by reason, with example row ids, in
+``<output_dir>/data_report.json`` (the DPO report's per-source shape), and the run stops, as DPO does, on
+an unreadable file, an empty source or more than ``data.max_invalid_fraction`` unusable rows. The loss is the mean negative log-likelihood of
 the response tokens (prompt and padding are masked out). Training settings come from the usual
 :class:`~dpo_ray.config.Config`: ``train.*`` (learning rate, batch size, steps, schedule, checkpoints),
 ``scaling.*`` (Ray Train workers, DDP), ``model.*`` (start model, LoRA), ``output_dir`` and ``run_name``.
 
-``run_sft(cfg)`` writes ``<output_dir>/final_model`` (a Hugging Face directory with the tokenizer) and
-``<output_dir>/summary.json``. The same ``run_name`` resumes from the latest checkpoint, as for DPO.
+``run_sft(cfg)`` writes ``<output_dir>/final_model`` (a Hugging Face directory with the tokenizer),
+``<output_dir>/data_report.json`` and ``<output_dir>/summary.json``. The same ``run_name`` resumes from the latest checkpoint, as for DPO.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +35,30 @@ import torch
 
 from dpo_ray.config import Config, config_from_dict
 
+logger = logging.getLogger(__name__)
+
 SFT_SCHEMA = pa.schema(
     [
         ("row_id", pa.string()),
         ("prompt_ids", pa.list_(pa.int32())),
         ("response_ids", pa.list_(pa.int32())),
         ("num_tokens", pa.int64()),
+    ]
+)
+SFT_TOKENIZED_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.string()),
+        ("role", pa.string()),  # train / eval source
+        ("file", pa.string()),
+        ("file_index", pa.int64()),
+        ("position", pa.int64()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("response_ids", pa.list_(pa.int32())),
+        ("num_tokens", pa.int64()),
+        ("truncated", pa.bool_()),
+        ("drop_reason", pa.string()),
+        ("drop_field", pa.string()),
+        ("split", pa.string()),  # the source's role, for the data report's per-split counts
     ]
 )
 SFT_EVAL_KEYS = ("nll_sum", "tokens", "count")
@@ -68,56 +91,76 @@ def load_cached_tokenizer(tokenizer_path: str, trust_remote_code: bool):
     return load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
 
 
-def tokenize_sft_batch(batch: pa.Table, tokenizer_path: str, max_length: int, max_prompt_length: int,
-                       trust_remote_code: bool = False) -> pa.Table:
-    """Ray UDF: parsed rows (:data:`dpo_ray.data.reading.PARSED_SCHEMA`) -> :data:`SFT_SCHEMA` rows.
+def build_sft_table(batch: pa.Table, tokenized: list, reasons: list, fields: list, role: str) -> pa.Table:
+    """:data:`SFT_TOKENIZED_SCHEMA` rows; token columns are null for unusable rows (``tokenized[i]`` None)."""
+    def column(get):
+        return [None if t is None else get(t) for t in tokenized]
 
-    Rows without a non-blank ``prompt`` and ``chosen`` string are dropped. Tokenization and truncation are
-    the DPO pipeline's (:func:`~dpo_ray.data.tokenize.encode_pairs`, :func:`~dpo_ray.data.tokenize.truncate_pair`),
-    so the SFT model sees its prompts exactly as DPO will.
+    data = {name: batch.column(name) for name in ("row_id", "file", "file_index", "position")}
+    data.update(
+        role=[role] * batch.num_rows,
+        prompt_ids=column(lambda t: t.prompt_ids),
+        response_ids=column(lambda t: t.chosen_ids),
+        num_tokens=column(lambda t: len(t.prompt_ids) + len(t.chosen_ids)),
+        truncated=column(lambda t: t.truncated),
+        drop_reason=reasons,
+        drop_field=fields,
+        split=[role] * batch.num_rows,
+    )
+    return pa.table(data, schema=SFT_TOKENIZED_SCHEMA)
+
+
+def tokenize_sft_batch(batch: pa.Table, tokenizer_path: str, fmt: str, role: str, max_length: int,
+                       max_prompt_length: int, trust_remote_code: bool = False) -> pa.Table:
+    """Ray UDF: parsed rows (:data:`dpo_ray.data.reading.PARSED_SCHEMA`) -> :data:`SFT_TOKENIZED_SCHEMA` rows.
+
+    Each row is read as format ``fmt`` by :func:`~dpo_ray.data.formats.extract_sft_example` (explicit,
+    implicit or conversational, as the DPO pipeline reads them; ``rejected`` is not needed). Every row comes
+    back: a row that cannot be used carries its reason and field (``drop_reason`` / ``drop_field``) for the
+    data report. Tokenization and truncation are the DPO pipeline's
+    (:func:`~dpo_ray.data.tokenize.encode_pairs`, :func:`~dpo_ray.data.tokenize.truncate_pair`), so the SFT
+    model sees its prompts exactly as DPO will.
     """
-    from dpo_ray.data.formats import InvalidRow, TextPair, require_string
+    from dpo_ray.data.formats import InvalidRow, TextPair, extract_sft_example
     from dpo_ray.data.tokenize import encode_pairs, truncate_pair
 
     tokenizer = load_cached_tokenizer(tokenizer_path, trust_remote_code)
-    ids, texts = [], []
-    for row_id, record, reason in zip(batch.column("row_id").to_pylist(), batch.column("record").to_pylist(),
-                                      batch.column("drop_reason").to_pylist()):
-        if reason is not None or record is None:
+    reasons = batch.column("drop_reason").to_pylist()
+    fields = batch.column("drop_field").to_pylist()
+    texts: dict[int, TextPair] = {}
+    for i, record in enumerate(batch.column("record").to_pylist()):
+        if reasons[i] is not None:
             continue
-        fields = json.loads(record)
         try:
-            prompt, chosen = require_string(fields, "prompt"), require_string(fields, "chosen")
-        except InvalidRow:
+            example = extract_sft_example(json.loads(record), fmt, tokenizer)
+        except InvalidRow as err:
+            reasons[i], fields[i] = err.reason.value, err.field
             continue
-        ids.append(row_id)
-        texts.append(TextPair(prompt, chosen, chosen))  # the pipeline tokenizes three fields; the third is unused
-    rows: dict[str, list] = {name: [] for name in SFT_SCHEMA.names}
-    for row_id, pair in zip(ids, encode_pairs(tokenizer, texts)):
+        texts[i] = TextPair(example.prompt, example.response, example.response)  # the third field is unused
+    tokenized: list = [None] * batch.num_rows
+    for i, pair in zip(texts, encode_pairs(tokenizer, list(texts.values()))):
         try:
-            pair = truncate_pair(pair, max_length, max_prompt_length, tokenizer.bos_token_id)
-        except InvalidRow:
-            continue
-        rows["row_id"].append(row_id)
-        rows["prompt_ids"].append(pair.prompt_ids)
-        rows["response_ids"].append(pair.chosen_ids)
-        rows["num_tokens"].append(len(pair.prompt_ids) + len(pair.chosen_ids))
-    return pa.table(rows, schema=SFT_SCHEMA)
+            tokenized[i] = truncate_pair(pair, max_length, max_prompt_length, tokenizer.bos_token_id)
+        except InvalidRow as err:
+            reasons[i], fields[i] = err.reason.value, err.field
+    return build_sft_table(batch, tokenized, reasons, fields, role)
 
 
-def prepare_sft_dataset(cfg: Config, spec: str, key: str, tokenizer_path: str):
-    """The tokenized examples of ``spec`` (a file, directory or dataset, read as ``data.train`` is), materialized."""
-    from dpo_ray.data.formats import DataValidationError
-    from dpo_ray.data.reading import read_parsed_dataset, resolve_source
+def tokenize_sft_source(source, fmt: str, role: str, cfg: Config, tokenizer_path: str):
+    """Every row of ``source`` tokenized or marked with its drop reason (:func:`tokenize_sft_batch`), materialized."""
+    from dpo_ray.data.pipeline import TOKENIZER_TASK_CPUS
+    from dpo_ray.data.reading import read_parsed_dataset
 
-    source = resolve_source(spec, cfg.data.split, key)
-    dataset = (
+    return (
         read_parsed_dataset(source, cfg.data.column_map)
         .map_batches(
             tokenize_sft_batch,
             batch_format="pyarrow",
+            num_cpus=TOKENIZER_TASK_CPUS,
             fn_kwargs={
                 "tokenizer_path": tokenizer_path,
+                "fmt": fmt,
+                "role": role,
                 "max_length": cfg.data.max_length,
                 "max_prompt_length": cfg.max_prompt_length(),
                 "trust_remote_code": cfg.model.trust_remote_code,
@@ -125,9 +168,72 @@ def prepare_sft_dataset(cfg: Config, spec: str, key: str, tokenizer_path: str):
         )
         .materialize()
     )
-    if dataset.count() == 0:
-        raise DataValidationError(f"{key}: {spec} holds no rows with non-blank 'prompt' and 'chosen' strings")
-    return dataset
+
+
+def prepare_sft_dataset(cfg: Config, spec: str, key: str, tokenizer_path: str) -> tuple[Any, dict[str, Any]]:
+    """The tokenized examples of ``spec`` (a file, directory or dataset, read as ``data.train`` is) and the
+    report of its rows: read, kept, dropped by reason with example row ids (:func:`build_source_report`).
+
+    The format is ``data.format`` or detected from the first rows, as for DPO. The counts are logged; the
+    caller (:func:`prepare_sft_data`) writes the report and stops on bad data.
+
+    Returns:
+        (materialized :data:`SFT_SCHEMA` rows, or None when the source has no rows at all; the source report).
+
+    Raises:
+        DataValidationError: the source does not exist, its first file cannot be read (naming the file and
+            the cause), or it is conversational and the tokenizer has no chat template.
+    """
+    from ray.data.expressions import col
+
+    from dpo_ray.data.pipeline import detect_format, require_chat_template
+    from dpo_ray.data.reading import peek_records, resolve_source
+    from dpo_ray.data.report import build_source_report, format_counts, summarize_batch
+
+    role = key.removeprefix("data.")
+    source = resolve_source(spec, cfg.data.split, key)
+    first_rows = peek_records(source, cfg.data.column_map)
+    fmt = detect_format(first_rows, cfg)
+    examples, summary = None, []
+    if first_rows:  # an empty source starts no pipeline; its report (read 0) stops the run
+        require_chat_template(fmt, load_cached_tokenizer(tokenizer_path, cfg.model.trust_remote_code), source)
+        tokenized = tokenize_sft_source(source, fmt, role, cfg, tokenizer_path)
+        summary = tokenized.map_batches(summarize_batch, batch_format="pyarrow").take_all()
+        examples = tokenized.filter(expr=col("drop_reason").is_null()).select_columns(SFT_SCHEMA.names).materialize()
+    report = build_source_report(source, fmt, summary, cfg.data.column_map)
+    logger.info("sft data %s: %s (%s): %s", role, source.location, fmt, format_counts(report))
+    return examples, report
+
+
+def prepare_sft_data(cfg: Config, tokenizer_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The SFT examples of ``data.train`` (and ``data.eval`` when given), with the data report.
+
+    The report (:func:`prepare_sft_dataset` per source, totals and settings) is written to
+    ``<output_dir>/data_report.json`` and summarized on the console before the checks.
+
+    Returns:
+        ({"train": dataset[, "eval": dataset]}, the report).
+
+    Raises:
+        DataValidationError: a file cannot be read, a source is empty, or more rows than
+            ``data.max_invalid_fraction`` are unusable (naming the files, the reasons and example rows).
+    """
+    from dpo_ray.data.report import check_sources, format_summary, total_counts, write_report
+
+    specs = {"train": cfg.data.train, **({"eval": cfg.data.eval} if cfg.data.eval else {})}
+    datasets, source_reports = {}, {}
+    for role, spec in specs.items():
+        datasets[role], source_reports[role] = prepare_sft_dataset(cfg, spec, f"data.{role}", tokenizer_path)
+    report = {
+        "sources": source_reports,
+        "total": total_counts(source_reports),
+        "settings": {"format": cfg.data.format, "column_map": cfg.data.column_map, "max_length": cfg.data.max_length,
+                     "max_prompt_length": cfg.max_prompt_length(), "tokenizer": tokenizer_path},
+    }
+    path = write_report(report, cfg.resolved_output_dir())
+    print(format_summary(report) + f"\ndata report: {path}", flush=True)
+    check_sources(report, cfg.data.max_invalid_fraction)
+    return datasets, report
 
 
 def collect_sft_examples(shard) -> list[SFTExample]:
@@ -187,16 +293,16 @@ def evaluate_sft(lm: torch.nn.Module, examples: Sequence[SFTExample], pad_id: in
     """Held-out mean response-token NLL over all workers' eval shards (each example counts once)."""
     from dpo_ray.train_loop import all_reduce_sum
 
-    was_training = lm.training
-    lm.eval()
+    from dpo_ray.precision import in_eval_mode
+
     sums = dict.fromkeys(SFT_EVAL_KEYS, 0.0)
-    for start in range(0, len(examples), micro_batch_size):
-        chunk = examples[start : start + micro_batch_size]
-        nll, tokens = compute_response_nll(lm, build_sft_batch([e.as_example() for e in chunk], pad_id, device))
-        sums["nll_sum"] += nll.item()
-        sums["tokens"] += tokens.item()
-        sums["count"] += len(chunk)
-    lm.train(was_training)
+    with in_eval_mode(lm):
+        for start in range(0, len(examples), micro_batch_size):
+            chunk = examples[start : start + micro_batch_size]
+            nll, tokens = compute_response_nll(lm, build_sft_batch([e.as_example() for e in chunk], pad_id, device))
+            sums["nll_sum"] += nll.item()
+            sums["tokens"] += tokens.item()
+            sums["count"] += len(chunk)
     total = dict(zip(SFT_EVAL_KEYS, all_reduce_sum([sums[k] for k in SFT_EVAL_KEYS], device)))
     if total["count"] == 0:
         return {}
@@ -244,6 +350,7 @@ def sft_loop_per_worker(loop_config: dict[str, Any]) -> None:
         all_reduce_sum,
         build_optimization,
         build_policy,
+        clip_gradients,
         count_steps,
         save_policy,
         say,
@@ -292,8 +399,7 @@ def sft_loop_per_worker(loop_config: dict[str, Any]) -> None:
         nll_sum, token_count = accumulate_sft_gradients(model, step_rows, cfg.train.micro_batch_size, pad_id, device)
         window_nll += nll_sum
         window_tokens += token_count
-        if cfg.train.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        clip_gradients(model, params, cfg.train.max_grad_norm)
         optimizer.step()
         scheduler.step()
         state.step += 1
@@ -350,12 +456,14 @@ def build_sft_trainer(cfg: Config, datasets: dict[str, Any], model_path: str, pa
 
 def run_sft(cfg: Config, model_path: str | None = None) -> dict[str, Any]:
     """Fine-tune ``model_path`` (default: ``model.name_or_path``, or the tiny model) on the chosen responses
-    of ``data.train``; writes ``<output_dir>/final_model`` and ``<output_dir>/summary.json``.
+    of ``data.train``; writes ``<output_dir>/final_model``, ``<output_dir>/data_report.json`` (see
+    :func:`prepare_sft_data`) and ``<output_dir>/summary.json``.
 
     ``data.eval`` (optional) gives held-out examples whose NLL is reported.
     """
     from dpo_ray.checkpointing import copy_model_dir
     from dpo_ray.cluster import check_cluster_resources, release_leaked_placement_groups
+    from dpo_ray.data.report import REPORT_FILE
     from dpo_ray.trainer import SUMMARY_FILE, pad_token_id, prepare_model_path, write_resolved_config
 
     begin = time.perf_counter()
@@ -364,9 +472,7 @@ def run_sft(cfg: Config, model_path: str | None = None) -> dict[str, Any]:
     release_leaked_placement_groups()
     check_cluster_resources(cfg)
     model_path = model_path or prepare_model_path(cfg)
-    datasets = {"train": prepare_sft_dataset(cfg, cfg.data.train, "data.train", model_path)}
-    if cfg.data.eval:
-        datasets["eval"] = prepare_sft_dataset(cfg, cfg.data.eval, "data.eval", model_path)
+    datasets, _ = prepare_sft_data(cfg, model_path)
     result = build_sft_trainer(cfg, datasets, model_path, pad_token_id(model_path, cfg)).fit()
     if result.error is not None:
         raise result.error
@@ -385,6 +491,7 @@ def run_sft(cfg: Config, model_path: str | None = None) -> dict[str, Any]:
         "wall_seconds": round(time.perf_counter() - begin, 2),
         "start_model": model_path,
         "final_model_dir": final_dir,
+        "data_report": str(out / REPORT_FILE),
         "checkpoint_path": result.checkpoint.path,
         "config": cfg.to_dict(),
     }

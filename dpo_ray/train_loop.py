@@ -42,11 +42,16 @@ from dpo_ray.losses import (
 )
 from dpo_ray.modeling import (
     PairLogProbs,
-    build_pair_batch,
     disabled_adapter,
     enable_activation_checkpointing,
     load_causal_lm,
-    resolve_dtype,
+)
+from dpo_ray.precision import (
+    PrecisionRecipe,
+    count_cpu_threads,
+    in_eval_mode,
+    prepare_for_training,
+    resolve_config_precision,
 )
 
 logger = logging.getLogger("dpo_ray")
@@ -148,10 +153,16 @@ def split_micro_batches(indices: list[int], micro_batch_size: int) -> list[list[
 
 
 def build_policy(cfg: Config, model_path: str, device: torch.device, ckpt_dir: Path | None):
-    """Policy LM (fp32 master weights; autocast does bf16 on GPU), with LoRA and checkpoint weights."""
+    """Policy LM with LoRA and checkpoint weights, ready to train: weights in the run's precision recipe
+    (:func:`~dpo_ray.precision.resolve_config_precision`, the same as the reference's), train mode, dropout
+    off unless ``train.disable_dropout=false``.
+
+    Train mode matters beyond dropout: transformers recomputes activations (``model.gradient_checkpointing``)
+    only in training mode, and ``from_pretrained`` returns the model in eval mode.
+    """
     lm = load_causal_lm(
         model_path,
-        dtype=torch.float32,
+        dtype=resolve_config_precision(cfg, device).weights_dtype,
         attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
     )
@@ -184,14 +195,14 @@ def build_policy(cfg: Config, model_path: str, device: torch.device, ckpt_dir: P
         tied = {k for k in missing if "lm_head" in k and getattr(lm.config, "tie_word_embeddings", False)}
         if set(missing) - tied or unexpected:
             raise RuntimeError(f"checkpoint {ckpt_dir} does not match the model: missing {missing}, unexpected {unexpected}")
-    return lm.to(device)
+    return prepare_for_training(lm.to(device), cfg.train.disable_dropout)
 
 
 def build_reference(cfg: Config, model_path: str, device: torch.device):
-    """A frozen copy of the starting policy, for ``dpo.reference=model``."""
+    """A frozen copy of the starting policy for ``dpo.reference=model``: the policy's weights dtype, eval mode."""
     ref = load_causal_lm(
         model_path,
-        dtype=resolve_dtype(cfg.model.dtype, device),
+        dtype=resolve_config_precision(cfg, device).weights_dtype,
         attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
         device=device,
@@ -228,11 +239,29 @@ def build_scheduler(cfg: Config, optimizer, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=max(total_steps, 1))
 
 
-def autocast_context(cfg: Config, device: torch.device):
-    use_bf16 = cfg.train.mixed_precision == "bf16" or (cfg.train.mixed_precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def is_fsdp_module(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is an FSDP1 ``FullyShardedDataParallel`` (what Ray Train's ``prepare_model(
+    parallel_strategy="fsdp")`` returns), whose parameters on each rank are only shards."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a torch build without distributed support has no FSDP either
+        return False
+    return isinstance(model, FullyShardedDataParallel)
+
+
+def clip_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the gradients of ``params`` to total norm ``max_norm``; returns the total norm before clipping.
+
+    Under FSDP each rank holds a shard of every gradient, and ``torch.nn.utils.clip_grad_norm_`` would clip
+    each rank by the norm of its own shard; ``FullyShardedDataParallel.clip_grad_norm_`` all-reduces the
+    shards' norms into the global one. DDP (gradients already all-reduced, identical on every rank) and
+    single-process models clip locally. ``max_norm <= 0`` only measures the norm.
+    """
+    if is_fsdp_module(model):
+        return model.clip_grad_norm_(max_norm if max_norm > 0 else float("inf"))
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
 # ------------------------------------------------------------------------------------ distributed helpers
@@ -260,15 +289,23 @@ def all_reduce_max(value: float, device: torch.device) -> float:
 
 
 class DPOStepper:
-    """Computes the DPO loss of a micro-batch: policy forward, reference log-probs, loss."""
+    """Computes the DPO loss of a micro-batch: policy forward, reference log-probs, loss.
+
+    Policy and reference passes run under the same precision recipe (weights dtype and autocast), which
+    the precomputed reference pass (:class:`dpo_ray.data.reference.ReferenceScorer`) uses too.
+    """
 
     def __init__(self, cfg: Config, model: torch.nn.Module, scorer: PairLogProbs, ref_lm, pad_id: int, device):
         self.cfg = cfg
         self.model = model  # wrapped (DDP/FSDP) scorer used for training forward passes
         self.scorer = scorer  # unwrapped, for eval and adapter-off reference passes
         self.ref_lm = ref_lm
+        # built once: a PairLogProbs checks its model's output head when it is made
+        self.ref_scorer = (PairLogProbs(ref_lm, cfg.train.prefix_sharing, cfg.train.logits_chunk_size,
+                                        cfg.train.response_only_logits).eval() if ref_lm is not None else None)
         self.pad_id = pad_id
         self.device = device
+        self.recipe: PrecisionRecipe = resolve_config_precision(cfg, device)
         self.loss_type = LossType(cfg.dpo.loss_type)
 
     def reference_logps(self, rows: Sequence[PairRow], batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,21 +314,20 @@ class DPOStepper:
             chosen = torch.tensor([r.ref_chosen for r in rows], dtype=torch.float32, device=self.device)
             rejected = torch.tensor([r.ref_rejected for r in rows], dtype=torch.float32, device=self.device)
             return chosen, rejected
-        with torch.no_grad(), autocast_context(self.cfg, self.device):
+        with torch.no_grad(), self.recipe.autocast():
             if mode == "adapter":
                 with disabled_adapter(self.scorer.lm):
                     chosen, rejected = self.scorer(batch)
             else:
-                ref_scorer = PairLogProbs(self.ref_lm, self.cfg.train.prefix_sharing, self.cfg.train.logits_chunk_size,
-                                          self.cfg.train.response_only_logits)
-                chosen, rejected = ref_scorer(batch)
+                chosen, rejected = self.ref_scorer(batch)
         return chosen.float(), rejected.float()
 
     def compute(self, rows: Sequence[PairRow], model: torch.nn.Module | None = None):
         """Loss output and the policy log-probs of ``rows`` (one micro-batch)."""
-        batch = build_pair_batch([r.as_pair() for r in rows], self.pad_id, self.cfg.train.prefix_sharing, self.device)
+        # the scorer's resolved layout, padded as the precomputed reference pass pads it
+        batch = self.scorer.build_batch([r.as_pair() for r in rows], self.pad_id, self.device)
         ref_chosen, ref_rejected = self.reference_logps(rows, batch)
-        with autocast_context(self.cfg, self.device):
+        with self.recipe.autocast():
             chosen, rejected = (model or self.model)(batch)
         out = compute_dpo_loss(
             chosen.float(),
@@ -303,6 +339,7 @@ class DPOStepper:
             label_smoothing=self.cfg.dpo.label_smoothing,
             rpo_alpha=self.cfg.dpo.rpo_alpha,
             chosen_token_counts=batch["chosen_lengths"],
+            rejected_token_counts=batch["rejected_lengths"],
         )
         return out, chosen.detach().float(), rejected.detach().float()
 
@@ -321,9 +358,7 @@ def evaluate(stepper: DPOStepper, rows: Sequence[PairRow], micro_batch_size: int
     n_batches = int(all_reduce_max(float(len(batches)), stepper.device))
     sums = dict.fromkeys(EVAL_KEYS, 0.0)
     model = stepper.model if stepper.cfg.train.strategy == "fsdp" else stepper.scorer
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), in_eval_mode(model):  # every submodule gets its own mode back, dropout included
         for b in range(n_batches):
             real = b < len(batches)
             idx = batches[b] if real else (batches[-1] if batches else [])
@@ -343,7 +378,6 @@ def evaluate(stepper: DPOStepper, rows: Sequence[PairRow], micro_batch_size: int
             sums["logps_chosen"] += chosen.sum().item()
             sums["logps_rejected"] += rejected.sum().item()
             sums["count"] += len(idx)
-    model.train(was_training)
     total = dict(zip(EVAL_KEYS, all_reduce_sum([sums[k] for k in EVAL_KEYS], stepper.device)))
     n = max(total["count"], 1.0)
     return {
@@ -475,7 +509,7 @@ def set_up_worker(cfg: Config) -> tuple[int, int, torch.device]:
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        torch.set_num_threads(count_cpu_threads(cfg.scaling.cpus_per_worker))  # as the reference actors
     seed_everything(cfg.train.seed)
     return ctx.get_world_rank(), ctx.get_world_size(), device
 
@@ -537,10 +571,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step_loss += out.loss.item() * len(idx)
             step_acc += compute_pair_accuracy(margins).sum().item()
             step_margin += margins.sum().item()
-        if cfg.train.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        grad_norm = clip_gradients(model, params, cfg.train.max_grad_norm)
         finite = finite and bool(torch.isfinite(grad_norm).item())
         nonfinite_flag, stop_flag = all_reduce_max_many([0.0 if finite else 1.0, float(poller.poll())], device)
         any_nonfinite, stop_requested = nonfinite_flag > 0, stop_flag > 0

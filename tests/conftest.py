@@ -71,3 +71,11 @@ def tiny_model_dir(tmp_path_factory, hh_rows) -> str:
                                  intermediate_size=128, max_position_embeddings=1024)
     texts = [r["chosen"] for r in hh_rows[:600]] + [f"{a}+{b}={a + b}" for a in range(50) for b in range(20)]
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", texts, settings, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    """The tiny model's tokenizer."""
+    from dpo_ray.modeling import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)

@@ -16,7 +16,6 @@ from dpo_ray.batching import (
     SEG_PROMPT,
     SEG_REJECTED,
     build_prefix_sharing_batch,
-    build_prefix_sharing_mask,
     build_separate_batch,
     order_by_length_buckets,
 )
@@ -255,36 +254,6 @@ def test_prefix_sharing_target_positions_never_point_into_chosen_for_rejected_to
     assert set(seg_at_pos[rejected].tolist()) <= {SEG_PROMPT, SEG_REJECTED}
     assert set(seg_at_pos[~rejected].tolist()) <= {SEG_PROMPT, SEG_CHOSEN}
     assert (seg_at_pos != SEG_PAD).all()
-
-
-def test_prefix_sharing_mask_rejected_never_sees_chosen_and_padding_never_visible():
-    b = build_prefix_sharing_batch(LAYOUT_PAIRS, PAD)
-    seg = b["segment_ids"]
-    mask = build_prefix_sharing_mask(seg)
-    assert mask.shape == (2, 1, 7, 7) and mask.dtype == torch.bool
-    m = mask[:, 0]
-    q = seg.unsqueeze(2).expand_as(m)
-    k = seg.unsqueeze(1).expand_as(m)
-    assert not m[(q == SEG_REJECTED) & (k == SEG_CHOSEN)].any()
-    assert not m[(q == SEG_CHOSEN) & (k == SEG_REJECTED)].any()
-    assert not m[(q != SEG_PAD) & (k == SEG_PAD)].any()  # no real token sees padding
-    assert not m[(q == SEG_PAD) & (k == SEG_PAD) & ~torch.eye(7, dtype=torch.bool)].any()
-    assert not m[~torch.ones(7, 7, dtype=torch.bool).tril().expand_as(m)].any()  # causal
-    assert m.any(dim=-1).all()  # no empty softmax row
-    # Row 0 spelled out: prompt 0-1, chosen 2-4, rejected 5, pad 6.
-    assert m[0, 5].tolist() == [True, True, False, False, False, True, False]
-    assert m[0, 4].tolist() == [True, True, True, True, True, False, False]
-    assert m[0, 1].tolist() == [True, True, False, False, False, False, False]
-    # Every response token sees the whole prompt.
-    for row in range(2):
-        resp = (seg[row] == SEG_CHOSEN) | (seg[row] == SEG_REJECTED)
-        assert m[row][resp][:, seg[row] == SEG_PROMPT].all()
-
-
-def test_prefix_sharing_mask_padding_queries_attend_only_to_themselves_as_documented():
-    seg = build_prefix_sharing_batch(LAYOUT_PAIRS, PAD)["segment_ids"]
-    m = build_prefix_sharing_mask(seg)[0, 0]
-    assert m[6].tolist() == [False] * 6 + [True]
 
 
 @pytest.mark.parametrize(

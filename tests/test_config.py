@@ -283,6 +283,81 @@ def test_every_preset_loads_and_starts_with_a_command_comment(preset):
     assert isinstance(yaml.safe_load(preset.read_text()) or {}, dict)
 
 
+# ---------------------------------------------------------------------------- TRL semantics (issue 13)
+
+
+def test_loss_type_choices_are_the_loss_module_enum():
+    from dpo_ray.losses import LossType
+
+    for member in LossType:
+        assert build_config(None, [f"dpo.loss_type={member.value}"]).dpo.loss_type == member.value
+    with pytest.raises(ConfigError) as err:
+        build_config(None, ["dpo.loss_type=kto_pair"])
+    message = str(err.value)
+    assert "'dpo.loss_type'" in message
+    assert all(member.value in message for member in LossType)  # the error lists every choice
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge"])
+def test_label_smoothing_is_refused_for_losses_that_ignore_it(loss_type):
+    with pytest.raises(ConfigError) as err:
+        build_config(None, [f"dpo.loss_type={loss_type}", "dpo.label_smoothing=0.1"])
+    message = str(err.value)
+    assert message.startswith("config key 'dpo.label_smoothing'")
+    assert f"dpo.loss_type={loss_type}" in message
+    assert "sigmoid, robust use label smoothing" in message
+    assert "\n" not in message
+    assert build_config(None, [f"dpo.loss_type={loss_type}", "dpo.label_smoothing=0"]).dpo.label_smoothing == 0.0
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust"])
+def test_label_smoothing_is_accepted_for_cdpo_and_robust(loss_type):
+    cfg = build_config(None, [f"dpo.loss_type={loss_type}", "dpo.label_smoothing=0.1"])
+    assert (cfg.dpo.loss_type, cfg.dpo.label_smoothing) == (loss_type, 0.1)
+
+
+def test_attn_implementation_defaults_to_auto():
+    assert Config().model.attn_implementation == "auto"
+    assert build_config().model.attn_implementation == "auto"
+
+
+@pytest.mark.parametrize(
+    "value", ["auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"]
+)
+def test_attn_implementation_accepts_transformers_values(value):
+    assert build_config(None, [f"model.attn_implementation={value}"]).model.attn_implementation == value
+
+
+@pytest.mark.parametrize("value", ["flash_attention", "SDPA", "no_such_attention", ""])
+def test_attn_implementation_rejects_other_values_naming_the_key(value):
+    with pytest.raises(ConfigError) as err:
+        build_config(None, [f"model.attn_implementation={value}"])
+    message = str(err.value)
+    assert message.startswith("config key 'model.attn_implementation'")
+    assert "flash_attention_2" in message and repr(value) in message
+
+
+def test_disable_dropout_defaults_on_and_can_be_turned_off():
+    assert Config().train.disable_dropout is True
+    assert build_config().train.disable_dropout is True
+    assert build_config(None, ["train.disable_dropout=false"]).train.disable_dropout is False
+    with pytest.raises(ConfigError, match=r"'train\.disable_dropout' expects bool"):
+        build_config(None, ["train.disable_dropout=sometimes"])
+
+
+def test_lora_with_fsdp_is_refused_naming_train_strategy():
+    gpu_fsdp = ["train.strategy=fsdp", "scaling.use_gpu=true"]
+    with pytest.raises(ConfigError) as err:
+        build_config(None, gpu_fsdp + ["model.lora.enabled=true"])
+    message = str(err.value)
+    assert message.startswith("config key 'train.strategy'")
+    assert "model.lora.enabled=true" in message and "adapter" in message and "FSDP-safe" in message
+    assert "use train.strategy=ddp for LoRA" in message
+    # LoRA on DDP, and FSDP without LoRA, stay accepted
+    assert build_config(None, ["model.lora.enabled=true", "scaling.use_gpu=true"]).model.lora.enabled is True
+    assert build_config(None, gpu_fsdp).train.strategy == "fsdp"
+
+
 def test_fsdp_without_gpus_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match="train.strategy.*scaling.use_gpu"):
         build_config(None, ["train.strategy=fsdp"])

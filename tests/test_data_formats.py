@@ -20,6 +20,7 @@ from dpo_ray.data.formats import (
     extract_text_pair,
     list_source_columns,
     normalize_implicit,
+    parse_pair,
     split_implicit_prompt,
 )
 from dpo_ray.data.reading import parse_file_bytes, read_preference_texts, resolve_source
@@ -46,13 +47,6 @@ def reason_of(record: dict, fmt: str, tokenizer=None) -> tuple[str, str | None]:
     with pytest.raises(InvalidRow) as info:
         extract_text_pair(record, fmt, tokenizer)
     return info.value.reason.value, info.value.field
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    from dpo_ray.modeling import load_tokenizer
-
-    return load_tokenizer(tiny_model_dir)
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -199,6 +193,21 @@ def test_conversational_rows_are_validated(tokenizer):
     ]
     for record, expected in cases:
         assert reason_of(record, "conversational", tokenizer) == expected
+
+
+def test_the_canonical_prompt_is_the_same_for_every_pair_and_shape_of_one_prompt(tokenizer):
+    prompt = "\n\nHuman: Hi\n\nAssistant:"
+    hh = [parse_pair({"chosen": prompt + a, "rejected": prompt + b}, "implicit") for a, b in ((" A", " B"), (" C", " D"))]
+    assert {p.prompt for p in hh} == {prompt}
+    assert parse_pair({"prompt": "Q", "chosen": "a", "rejected": "b"}, "explicit").prompt == "Q"
+    user, a, b = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A"}, {"role": "assistant", "content": "B"}
+    shapes = [
+        {"prompt": [user], "chosen": [a], "rejected": [b]},
+        {"chosen": [user, a], "rejected": [user, b]},
+        {"prompt": "Hi", "chosen": [user, b], "rejected": [user, a]},
+    ]
+    chat = {parse_pair(record, "conversational", tokenizer).prompt for record in shapes}
+    assert chat == {'[{"content": "Hi", "role": "user"}]'}  # the parsed messages, not the chat template's text
 
 
 # ---------------------------------------------------------------------------- tokenization

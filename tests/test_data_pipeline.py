@@ -193,3 +193,66 @@ def test_missing_and_empty_data_are_errors(ray_session, tiny_model_dir, tmp_path
     with pytest.raises(DataValidationError, match="the eval split is empty"):
         prepare_data(build_config(tmp_path / "few", few, eval_fraction=0.01), tiny_model_dir, None)
     assert json.loads((tmp_path / "few" / "out" / "data_report.json").read_text())["split"]["eval_pairs"] == 0
+
+
+def test_every_pair_of_a_prompt_is_held_out_on_the_same_side(ray_session, tiny_model_dir, tmp_path):
+    from dpo_ray.data.pipeline import SPLIT_RULE_VERSION, hash_fraction
+
+    # 40 prompts x 3 pairs, one pair of each prompt in each of three files (three tasks and blocks).
+    folder = tmp_path / "data"
+    folder.mkdir()
+    prompt_of = {}
+    for k, name in enumerate(("a.jsonl", "b.jsonl", "c.jsonl")):
+        rows = [{"prompt": f"Question {i}: what is {i}+1?", "chosen": f"It is {i + 1}.", "rejected": f"Maybe {i + k}."}
+                for i in range(40)]
+        write_jsonl(folder / name, rows)
+        prompt_of |= {f"{name}:{line}": row["prompt"] for line, row in enumerate(rows, 1)}
+    cfg = build_config(tmp_path, folder, eval_fraction=0.25)
+    data = prepare_data(cfg, tiny_model_dir, None)
+
+    sides = {"train": data.train.take_all(), "eval": data.eval.take_all()}
+    prompts = {name: {prompt_of[r["row_id"]] for r in rows} for name, rows in sides.items()}
+    assert not prompts["train"] & prompts["eval"]
+    assert len(prompts["train"]) + len(prompts["eval"]) == 40 and prompts["eval"]
+    split = data.report["split"]
+    assert split["unit"] == "prompt" and split["method"].startswith("by prompt: hash(prompt, seed 1234)")
+    assert (split["train_prompts"], split["eval_prompts"], split["shared_prompts"]) == (
+        len(prompts["train"]), len(prompts["eval"]), 0)
+    assert (split["train_pairs"], split["eval_pairs"]) == (3 * split["train_prompts"], 3 * split["eval_prompts"])
+    assert (len(sides["train"]), len(sides["eval"])) == (split["train_pairs"], split["eval_pairs"])
+    assert json.loads((tmp_path / "out" / "data_report.json").read_text())["split"] == split
+    done = json.loads((Path(data.cache_dir) / "done.json").read_text())
+    assert done["parts"]["split_rule"] == SPLIT_RULE_VERSION  # caches of the row-id rule are not reused
+
+    # The old rule (hash of row_id and seed) would have put some prompt on both sides of this data.
+    old_side = {rid: hash_fraction(rid, 1234) < 0.25 for rid in prompt_of}
+    assert any(len({old_side[rid] for rid in prompt_of if prompt_of[rid] == p}) == 2 for p in set(prompt_of.values()))
+
+
+def test_an_explicit_eval_source_reports_the_prompts_it_shares(ray_session, tiny_model_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", explicit_rows(0, 10))
+    held_out = write_jsonl(tmp_path / "eval.jsonl", explicit_rows(8, 4))  # prompts 8 and 9 are in both
+    data = prepare_data(build_config(tmp_path, train, eval=str(held_out)), tiny_model_dir, None)
+
+    split = data.report["split"]
+    assert (split["unit"], split["method"]) == ("source", "eval from data.eval")
+    assert (split["train_pairs"], split["eval_pairs"]) == (10, 4)
+    assert (split["train_prompts"], split["eval_prompts"], split["shared_prompts"]) == (10, 4, 2)
+
+
+def test_an_unreadable_file_stops_the_run_naming_the_file_and_the_cause(ray_session, tiny_model_dir, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", explicit_rows(0, 250))  # more than the format detection reads
+    (folder / "b.jsonl.gz").write_bytes(gzip.compress(b"".join(json.dumps(r).encode() + b"\n"
+                                                                for r in explicit_rows(20, 50)))[:60])
+    with pytest.raises(DataValidationError) as info:
+        prepare_data(build_config(tmp_path, folder), tiny_model_dir, None)
+    assert "1 file(s) cannot be read: b.jsonl.gz: not a readable gzip file (Compressed file ended" in str(info.value)
+    src = json.loads((tmp_path / "out" / "data_report.json").read_text())["sources"]["train"]
+    assert src["dropped"] == {"unreadable_file": 1} and src["examples"] == {"unreadable_file": ["b.jsonl.gz"]}
+    assert list(src["unreadable_files"]) == ["b.jsonl.gz"] and src["files"]["a.jsonl"]["kept"] == 250
+
+    # Where the format detection reaches the file, the driver stops already, also naming it and the cause.
+    with pytest.raises(DataValidationError, match=r"b\.jsonl\.gz: cannot be read \(EOFError: Compressed file ended"):
+        prepare_data(build_config(tmp_path / "alone", folder / "b.jsonl.gz"), tiny_model_dir, None)

@@ -125,13 +125,98 @@ def test_sigmoid_loss_per_pair_and_mean_by_hand():
     assert out.losses[2].item() == pytest.approx(math.log(2))
 
 
-def test_ipo_loss_is_squared_distance_of_gap_from_half_inverse_beta():
+def test_ipo_per_pair_loss_is_squared_distance_of_gap_from_half_inverse_beta():
     target = 1 / (2 * BETA)  # 2.5
     expected = [(h - target) ** 2 for h in _gaps()]  # (1.5-2.5)^2 = 1, (-0.5-2.5)^2 = 9, (0-2.5)^2 = 6.25
     assert expected == pytest.approx([1.0, 9.0, 6.25])
-    out = compute_dpo_loss(*_pair_tensors(), BETA, "ipo")
-    assert out.losses.tolist() == pytest.approx(expected, rel=1e-9)
-    assert out.loss.item() == pytest.approx(16.25 / 3, rel=1e-9)
+    gaps = torch.tensor(_gaps(), dtype=torch.float64)
+    assert LossType.IPO.per_pair_loss(gaps, BETA).tolist() == pytest.approx(expected, rel=1e-12)
+
+
+# Response token counts for PAIRS (chosen, rejected), for the per-token average of IPO.
+CHOSEN_COUNTS = [4, 2, 5]
+REJECTED_COUNTS = [2, 5, 1]
+
+
+def _counts() -> dict[str, torch.Tensor]:
+    return {
+        "chosen_token_counts": torch.tensor(CHOSEN_COUNTS, dtype=torch.int64),
+        "rejected_token_counts": torch.tensor(REJECTED_COUNTS, dtype=torch.int64),
+    }
+
+
+def test_ipo_averages_each_log_ratio_per_token_as_trl_by_hand():
+    # TRL 1.16 (trl/trainer/dpo_trainer.py, loss_type "ipo"): h_bar = h_w / n_w - h_l / n_l,
+    # loss (h_bar - 1/(2 beta))^2.
+    # Log-ratios of PAIRS: h_w = pc - rc = [1, 0.5, 0], h_l = pr - rr = [-0.5, 1, 0]; counts n_w = [4, 2, 5],
+    # n_l = [2, 5, 1].
+    # pair 0: 1 / 4 - (-0.5) / 2 = 0.25 + 0.25 = 0.5
+    # pair 1: 0.5 / 2 - 1 / 5 = 0.25 - 0.2 = 0.05
+    # pair 2: 0 / 5 - 0 / 1 = 0
+    # It is the same as averaging the policy and the reference log-probs alike; pair 0:
+    # chosen -10/4 - (-11/4) = 0.25, rejected -14/2 - (-13.5/2) = -0.25, gap 0.25 - (-0.25) = 0.5.
+    h_bar = [
+        (pc - rc) / nw - (pr - rr) / nl for (pc, pr, rc, rr), nw, nl in zip(PAIRS, CHOSEN_COUNTS, REJECTED_COUNTS)
+    ]
+    assert h_bar == pytest.approx([0.5, 0.05, 0.0])
+    # beta = 0.2, target 1 / (2 * 0.2) = 2.5:
+    # (0.5 - 2.5)^2 = 4, (0.05 - 2.5)^2 = 2.45^2 = 6.0025, (0 - 2.5)^2 = 6.25; mean 16.2525 / 3 = 5.4175
+    expected = [4.0, 6.0025, 6.25]
+    out = compute_dpo_loss(*_pair_tensors(), BETA, "ipo", **_counts())
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-12)
+    assert out.loss.item() == pytest.approx(5.4175, rel=1e-12)
+    # With summed log-ratios it would be [1, 9, 6.25] (the test above): the average changes the loss.
+    assert out.losses[0].item() != pytest.approx(1.0)
+    # Rewards stay beta * summed log-ratio, as TRL 1.16 logs rewards/chosen and rewards/rejected for IPO too:
+    # chosen 0.2 * [1, 0.5, 0] = [0.2, 0.1, 0], rejected 0.2 * [-0.5, 1, 0] = [-0.1, 0.2, 0].
+    assert out.chosen_rewards.tolist() == pytest.approx([0.2, 0.1, 0.0], rel=1e-12)
+    assert out.rejected_rewards.tolist() == pytest.approx([-0.1, 0.2, 0.0], rel=1e-12)
+
+
+def test_ipo_gradient_is_scaled_by_one_over_the_token_count():
+    # d/d(log pi(y_w,i)) of mean_i (h_bar_i - 2.5)^2 = 2 * (h_bar_i - 2.5) / n_w,i / B, with B = 3:
+    # pair 0: 2 * (0.5 - 2.5) / 4 / 3 = -1/3; pair 1: 2 * (0.05 - 2.5) / 2 / 3 = -2.45/3;
+    # pair 2: 2 * (-2.5) / 5 / 3 = -1/3.
+    # For log pi(y_l,i) the sign flips and n_l replaces n_w: 2 * (h_bar - 2.5) * (-1 / n_l) / 3
+    # pair 0: -2 * (-2) / 2 / 3 = 2/3; pair 1: -2 * (-2.45) / 5 / 3 = 0.98/3; pair 2: -2 * (-2.5) / 1 / 3 = 5/3.
+    pc, pr, rc, rr = _pair_tensors()
+    pc.requires_grad_()
+    pr.requires_grad_()
+    compute_dpo_loss(pc, pr, rc, rr, BETA, LossType.IPO, **_counts()).loss.backward()
+    assert pc.grad.tolist() == pytest.approx([-1 / 3, -2.45 / 3, -1 / 3], rel=1e-12)
+    assert pr.grad.tolist() == pytest.approx([2 / 3, 0.98 / 3, 5 / 3], rel=1e-12)
+
+
+def test_ipo_without_both_token_counts_raises():
+    with pytest.raises(ValueError, match="chosen_token_counts and rejected_token_counts"):
+        compute_dpo_loss(*_pair_tensors(), BETA, "ipo")
+    # the chosen counts alone (what the RPO term needs) are not enough
+    with pytest.raises(ValueError, match="rejected_token_counts"):
+        compute_dpo_loss(*_pair_tensors(), BETA, "ipo", chosen_token_counts=torch.tensor(CHOSEN_COUNTS))
+    with pytest.raises(ValueError, match="chosen_token_counts"):
+        compute_dpo_loss(*_pair_tensors(), BETA, "ipo", rejected_token_counts=torch.tensor(REJECTED_COUNTS))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "robust"])
+def test_summed_losses_ignore_token_counts(loss_type):
+    # Only IPO averages per token: the other losses give the same value with or without counts.
+    plain = compute_dpo_loss(*_pair_tensors(), 1.0, loss_type)
+    with_counts = compute_dpo_loss(*_pair_tensors(), 1.0, loss_type, **_counts())
+    assert with_counts.losses.tolist() == plain.losses.tolist()
+
+
+def test_loss_type_members_carry_averaging_and_label_smoothing():
+    assert {m.value for m in LossType if m.averages_per_token} == {"ipo"}
+    assert {m.value for m in LossType if m.uses_label_smoothing} == {"sigmoid", "robust"}
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge"])
+def test_label_smoothing_on_a_loss_that_ignores_it_raises(loss_type):
+    with pytest.raises(ValueError, match=r"label_smoothing=0\.1 has no effect.*sigmoid, robust"):
+        compute_dpo_loss(*_pair_tensors(), BETA, loss_type, label_smoothing=0.1, **_counts())
+    # 0, the value that means "no smoothing", passes and is the loss without the argument
+    out = compute_dpo_loss(*_pair_tensors(), BETA, loss_type, label_smoothing=0.0, **_counts())
+    assert out.losses.tolist() == compute_dpo_loss(*_pair_tensors(), BETA, loss_type, **_counts()).losses.tolist()
 
 
 def test_hinge_loss_is_relu_of_one_minus_beta_gap():
@@ -177,8 +262,8 @@ def test_loss_type_resolves_by_name_and_matches_per_pair_loss():
     gaps = torch.tensor(_gaps(), dtype=torch.float64)
     assert LossType("hinge").per_pair_loss(gaps, 1.0).tolist() == pytest.approx([0.0, 1.5, 1.0])
     # The string and enum forms give the same loss.
-    a = compute_dpo_loss(*_pair_tensors(), BETA, "ipo").loss
-    b = compute_dpo_loss(*_pair_tensors(), BETA, LossType.IPO).loss
+    a = compute_dpo_loss(*_pair_tensors(), BETA, "ipo", **_counts()).loss
+    b = compute_dpo_loss(*_pair_tensors(), BETA, LossType.IPO, **_counts()).loss
     assert a.item() == b.item()
 
 
@@ -187,12 +272,6 @@ def test_unknown_loss_type_raises_value_error():
         LossType("kto_pair")
     with pytest.raises(ValueError):
         compute_dpo_loss(*_pair_tensors(), BETA, "not-a-loss")
-
-
-def test_loss_names_match_the_config_choices():
-    from dpo_ray.config import LossName
-
-    assert {m.value for m in LossType} == {m.value for m in LossName}
 
 
 # ---------------------------------------------------------------------------- RPO

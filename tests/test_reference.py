@@ -60,3 +60,13 @@ def test_reference_logps_match_a_forward_pass_and_are_reused(ray_session, tiny_m
     changed = prepare_data(cfg, tiny_model_dir, tiny_model_dir)
     assert changed.reference_passes == 1 and "reference log-probs: computing" in caplog.text
     assert changed.cache_dir != first.cache_dir
+
+    # the reference pass follows the policy's layout switches, and they are part of its cache key
+    caplog.clear()
+    cfg.data.max_length = 48
+    cfg.train.prefix_sharing = False
+    separate = prepare_data(cfg, tiny_model_dir, tiny_model_dir)
+    assert separate.reference_passes == 1 and "reference log-probs: computing" in caplog.text
+    for row_id, row in by_row_id(separate).items():
+        for side in ("chosen", "rejected"):
+            assert row[f"ref_{side}_logps"] == pytest.approx(rows[row_id][f"ref_{side}_logps"], abs=1e-5, rel=1e-6)

@@ -9,7 +9,6 @@ import torch
 
 from dpo_ray.modeling import (
     PairLogProbs,
-    build_pair_batch,
     enable_activation_checkpointing,
     load_causal_lm,
     load_tokenizer,
@@ -62,7 +61,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(model_and_pairs):
             enable_activation_checkpointing(lm)
         lm.train()
         lm.zero_grad()
-        chosen, rejected = PairLogProbs(lm)(build_pair_batch(pairs, pad, prefix_sharing=True))
+        scorer = PairLogProbs(lm)
+        chosen, rejected = scorer(scorer.build_batch(pairs, pad))
         (chosen.sum() - rejected.sum()).backward()
         grads.append([p.grad.clone() for p in lm.parameters()])
     (lm.activation_checkpointing_disable if hasattr(lm, "activation_checkpointing_disable") else lm.gradient_checkpointing_disable)()

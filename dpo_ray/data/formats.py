@@ -11,11 +11,18 @@ Three formats turn a record into a :class:`TextPair` (prompt text, chosen respon
 
 A row that cannot be used raises :class:`InvalidRow` with a :class:`DropReason` and the field at fault;
 the pipeline counts it in the data report instead of training on it.
+
+:func:`parse_pair` also returns the row's *canonical prompt* (:func:`canonical_prompt`), the text the
+held-out split hashes so that every pair of one prompt lands on the same side. SFT reads the same three
+formats with :func:`extract_sft_example`: only the prompt and the ``chosen`` response are needed there
+(``rejected`` is ignored and may be absent).
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import os
 from collections import Counter
 from typing import Any, Iterable, Mapping, NamedTuple
@@ -42,6 +49,7 @@ class DropReason(str, enum.Enum):
     PROMPT_MISMATCH = "prompt_mismatch"
     PROMPT_TOO_LONG = "prompt_too_long"
     INVALID_UTF8 = "invalid_utf8"
+    UNREADABLE_FILE = "unreadable_file"  # a whole file (one row in the report, named by the file)
 
 
 class InvalidRow(Exception):
@@ -67,6 +75,20 @@ class MessagePair(NamedTuple):
     prompt: list[dict]
     chosen: list[dict]
     rejected: list[dict]
+
+
+class ParsedPair(NamedTuple):
+    """A validated preference row: its texts and its canonical prompt (see :func:`canonical_prompt`)."""
+
+    texts: TextPair
+    prompt: str
+
+
+class TextExample(NamedTuple):
+    """An SFT row: prompt text and the target (chosen) response text, ready to tokenize."""
+
+    prompt: str
+    response: str
 
 
 # ---------------------------------------------------------------------------- column mapping
@@ -216,6 +238,26 @@ def strip_common_messages(chosen: list[dict], rejected: list[dict]) -> MessagePa
     return pair
 
 
+def read_prompt_messages(record: Mapping[str, Any]) -> list[dict]:
+    """The ``prompt`` of a conversational row as messages; a string prompt becomes one user message."""
+    if isinstance(record.get("prompt"), str):
+        return [{"role": "user", "content": require_string(record, "prompt")}]
+    return require_messages(record.get("prompt"), "prompt")
+
+
+def strip_prompt_messages(prompt: list[dict], messages: list[dict]) -> list[dict]:
+    """``messages`` without the prompt messages when they repeat them first (full conversations)."""
+    n = len(prompt)
+    return messages[n:] if messages[:n] == prompt else messages
+
+
+def require_response_messages(messages: list[dict], field: str) -> list[dict]:
+    """``messages`` unless there are none or all of them are blank."""
+    if not messages or not any(m["content"].strip() for m in messages):
+        raise InvalidRow(DropReason.EMPTY_FIELD, field)
+    return messages
+
+
 def normalize_conversation(record: Mapping[str, Any]) -> MessagePair:
     """Conversational rows: prompt messages (given, or the shared prefix) and the response messages.
 
@@ -224,50 +266,141 @@ def normalize_conversation(record: Mapping[str, Any]) -> MessagePair:
     """
     chosen = require_messages(record.get("chosen"), "chosen")
     rejected = require_messages(record.get("rejected"), "rejected")
-    raw_prompt = record.get("prompt")
-    if raw_prompt is None:
+    if record.get("prompt") is None:
         pair = strip_common_messages(chosen, rejected)
     else:
-        if isinstance(raw_prompt, str):
-            prompt = [{"role": "user", "content": require_string(record, "prompt")}]
-        else:
-            prompt = require_messages(raw_prompt, "prompt")
-        n = len(prompt)
-        pair = MessagePair(
-            prompt,
-            chosen[n:] if chosen[:n] == prompt else chosen,
-            rejected[n:] if rejected[:n] == prompt else rejected,
-        )
-    for field, messages in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-        if not messages or not any(m["content"].strip() for m in messages):
-            raise InvalidRow(DropReason.EMPTY_FIELD, field)
+        prompt = read_prompt_messages(record)
+        pair = MessagePair(prompt, strip_prompt_messages(prompt, chosen), strip_prompt_messages(prompt, rejected))
+    require_response_messages(pair.chosen, "chosen")
+    require_response_messages(pair.rejected, "rejected")
     return pair
+
+
+def render_prompt(tokenizer: Any, prompt: list[dict]) -> str:
+    """The prompt messages through the chat template, with the generation prompt."""
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def render_response(tokenizer: Any, prompt: list[dict], prompt_text: str, messages: list[dict], field: str) -> str:
+    """template(prompt + response) with ``prompt_text`` (:func:`render_prompt`) taken off its start."""
+    full = tokenizer.apply_chat_template(prompt + messages, tokenize=False)
+    if not full.startswith(prompt_text):
+        raise InvalidRow(DropReason.PROMPT_MISMATCH, field)
+    return full[len(prompt_text) :]
 
 
 def render_conversation(tokenizer: Any, conversation: MessagePair) -> TextPair:
     """Render with the chat template, as TRL does: the prompt with the generation prompt, and each
     response as template(prompt + response) with the prompt text taken off its start."""
-    prompt_text = tokenizer.apply_chat_template(conversation.prompt, tokenize=False, add_generation_prompt=True)
-    responses = []
-    for field, messages in (("chosen", conversation.chosen), ("rejected", conversation.rejected)):
-        full = tokenizer.apply_chat_template(conversation.prompt + messages, tokenize=False)
-        if not full.startswith(prompt_text):
-            raise InvalidRow(DropReason.PROMPT_MISMATCH, field)
-        responses.append(full[len(prompt_text) :])
-    return TextPair(prompt_text, *responses)
+    prompt_text = render_prompt(tokenizer, conversation.prompt)
+    return TextPair(
+        prompt_text,
+        render_response(tokenizer, conversation.prompt, prompt_text, conversation.chosen, "chosen"),
+        render_response(tokenizer, conversation.prompt, prompt_text, conversation.rejected, "rejected"),
+    )
 
 
 # ---------------------------------------------------------------------------- dispatch
 
 
-def extract_text_pair(record: Mapping[str, Any], fmt: str, tokenizer: Any = None) -> TextPair:
-    """Validate ``record`` as format ``fmt`` and return its texts (the tokenizer renders chat rows)."""
-    if fmt == "explicit":
+def canonical_prompt(prompt: str | list[dict]) -> str:
+    """The prompt as the held-out split sees it, before any chat template (so the split does not change
+    with the tokenizer): the prompt string of an explicit or implicit row as it is (no whitespace
+    folding), or the JSON (keys sorted) of a conversational row's parsed prompt messages."""
+    if isinstance(prompt, str):
+        return prompt
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def digest_prompt(prompt: str) -> str:
+    """A 128-bit hex digest of a canonical prompt (:func:`canonical_prompt`): equal prompts, equal digests."""
+    return hashlib.blake2b(prompt.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def require_format(fmt: str) -> str:
+    """``fmt`` when it is one of :data:`FORMATS` (ValueError otherwise)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def parse_pair(record: Mapping[str, Any], fmt: str, tokenizer: Any = None) -> ParsedPair:
+    """Validate ``record`` as format ``fmt``: its texts (the tokenizer renders chat rows) and canonical prompt."""
+    if require_format(fmt) == "explicit":
         pair = normalize_explicit(record)
+        prompt = pair.prompt
     elif fmt == "implicit":
         pair = normalize_implicit(record)
-    elif fmt == "conversational":
-        pair = render_conversation(tokenizer, normalize_conversation(record))
+        prompt = pair.prompt
     else:
-        raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    return require_distinct(pair)
+        conversation = normalize_conversation(record)
+        pair = render_conversation(tokenizer, conversation)
+        prompt = canonical_prompt(conversation.prompt)
+    return ParsedPair(require_distinct(pair), prompt)
+
+
+def extract_text_pair(record: Mapping[str, Any], fmt: str, tokenizer: Any = None) -> TextPair:
+    """Validate ``record`` as format ``fmt`` and return its texts (the tokenizer renders chat rows)."""
+    return parse_pair(record, fmt, tokenizer).texts
+
+
+# ---------------------------------------------------------------------------- SFT rows (no rejected needed)
+
+
+def split_final_assistant_turn(dialogue: str) -> TextExample:
+    """An implicit-format ``chosen`` dialogue -> the prompt up to and including its last
+    ``"\\n\\nAssistant:"`` and that final answer.
+
+    For a row the DPO pipeline accepts this is the same prompt as :func:`split_implicit_prompt` gives;
+    ``rejected`` is not needed. No assistant turn, or a human turn after the last one: ``prompt_mismatch``.
+    """
+    cut = dialogue.rfind(ASSISTANT_TURN)
+    if cut < 0:
+        raise InvalidRow(DropReason.PROMPT_MISMATCH, "chosen")
+    end = cut + len(ASSISTANT_TURN)
+    if HUMAN_TURN in dialogue[end:]:
+        raise InvalidRow(DropReason.PROMPT_MISMATCH, "chosen")
+    return TextExample(dialogue[:end], require_nonblank_response(dialogue[end:], "chosen"))
+
+
+def split_final_response(messages: list[dict]) -> tuple[list[dict], list[dict]]:
+    """A whole conversation -> (the messages up to and including the last user turn, the answer after it).
+
+    For a pair the DPO pipeline accepts this is its shared prefix. No user turn at all: ``missing_field``
+    (``prompt``).
+    """
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        raise InvalidRow(DropReason.MISSING_FIELD, "prompt")
+    return messages[: users[-1] + 1], messages[users[-1] + 1 :]
+
+
+def normalize_sft_conversation(record: Mapping[str, Any]) -> tuple[list[dict], list[dict]]:
+    """Conversational SFT rows: (prompt messages, response messages); the prompt is given or, without one,
+    :func:`split_final_response` of ``chosen``. Responses repeating the prompt first have it stripped."""
+    chosen = require_messages(record.get("chosen"), "chosen")
+    if record.get("prompt") is None:
+        prompt, response = split_final_response(chosen)
+    else:
+        prompt = read_prompt_messages(record)
+        response = strip_prompt_messages(prompt, chosen)
+    return prompt, require_response_messages(response, "chosen")
+
+
+def extract_sft_example(record: Mapping[str, Any], fmt: str, tokenizer: Any = None) -> TextExample:
+    """Validate ``record`` as an SFT row of format ``fmt``: the prompt text and the ``chosen`` response.
+
+    explicit: ``prompt`` and ``chosen`` strings; implicit: :func:`split_final_assistant_turn` of ``chosen``;
+    conversational: :func:`normalize_sft_conversation`, rendered with the chat template as DPO renders it.
+    ``rejected`` is never read.
+
+    Raises:
+        InvalidRow: with the reason and field, as for preference rows.
+    """
+    if require_format(fmt) == "explicit":
+        return TextExample(require_string(record, "prompt"), require_string(record, "chosen"))
+    if fmt == "implicit":
+        return split_final_assistant_turn(require_string(record, "chosen"))
+    prompt, response = normalize_sft_conversation(record)
+    prompt_text = render_prompt(tokenizer, prompt)
+    return TextExample(prompt_text, render_response(tokenizer, prompt, prompt_text, response, "chosen"))

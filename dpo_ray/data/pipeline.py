@@ -6,11 +6,13 @@ Stages (Ray Data operators; tokenized rows are materialized once and reused by t
    a ``row_id`` and the record, or the reason it cannot be read;
 2. tokenize: Ray Data tasks for all sources (:func:`~dpo_ray.data.tokenize.tokenize_pair_batch`) validate
    each row for its source's format, renders chat rows, tokenizes and truncates; every row, kept or not,
-   is labelled with its split: the explicit eval source, or a seeded hash of (row_id, seed) below
-   ``eval_fraction`` (no dependence on block order or worker count);
+   is labelled with its split: the explicit eval source, or, held out by prompt, a seeded hash of
+   (the row's prompt digest, seed) below ``eval_fraction``: every pair of one prompt is on the same side,
+   with no dependence on block order or worker count (:func:`label_split`);
 3. report: one summary pass, written to ``<output_dir>/data_report.json``; the run stops here when a
    source is empty, too many rows are unusable or a split is empty;
-4. split: the kept rows; ``limit`` keeps the first train rows in (file, line) order;
+4. split: the kept rows; ``limit`` keeps the first train rows in (file, line) order; the distinct prompts of
+   each side are counted for the report (:func:`count_prompts`);
 5. reference: an actor pool adds the reference log-probs (:mod:`dpo_ray.data.reference`).
 
 Tokenized pairs (with the report) and reference log-probs are cached as parquet under
@@ -62,8 +64,11 @@ __all__ = ["DataValidationError", "PreparedData", "prepare_data"]
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 1  # bump when the stored rows would change for the same inputs and settings
+PIPELINE_VERSION = 2  # bump when the stored rows would change for the same inputs and settings
+# The held-out rule, part of the cache key: 1 hashed (row_id, seed); 2 hashes (prompt digest, seed).
+SPLIT_RULE_VERSION = 2
 PUBLIC_COLUMNS = ("row_id", "prompt_ids", "chosen_ids", "rejected_ids", "num_tokens")
+PROMPT_COLUMN = "prompt_digest"  # kept with the pairs (and in the cache) for the prompt counts
 ORDER_COLUMNS = ["file_index", "position"]
 TOKENIZE_BATCH_ROWS = 256
 ROWS_PER_BLOCK = 4096
@@ -119,6 +124,7 @@ def build_data_key(cfg: Config, sources: dict[str, DataSource], tokenizer) -> di
         "max_prompt_length": cfg.max_prompt_length(),
         "tokenizer": fingerprint_tokenizer(tokenizer),
         "eval_fraction": None if "eval" in sources else cfg.data.eval_fraction,
+        "split_rule": SPLIT_RULE_VERSION,
         "split_seed": cfg.data.split_seed,
         "limit": cfg.data.limit,
     }
@@ -192,19 +198,33 @@ def summarize_dataset(tokenized) -> list[dict]:
 # ---------------------------------------------------------------------------- split
 
 
-def hash_fraction(row_id: str, seed: int) -> float:
-    """A number in [0, 1) fixed by (row_id, seed) alone: no dependence on block order or worker count."""
-    digest = hashlib.blake2b(f"{seed}\0{row_id}".encode(), digest_size=8).digest()
+def hash_fraction(key: str, seed: int) -> float:
+    """A number in [0, 1) fixed by (key, seed) alone: no dependence on block order or worker count."""
+    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
 
+def choose_side(prompt_digest: str | None, seed: int, eval_fraction: float) -> str | None:
+    """``"eval"`` when :func:`hash_fraction` of the prompt digest is below ``eval_fraction``, else ``"train"``;
+    None for a row dropped before its prompt was read (it is on neither side)."""
+    if prompt_digest is None:
+        return None
+    return "eval" if hash_fraction(prompt_digest, seed) < eval_fraction else "train"
+
+
 def label_split(batch: pa.Table, seed: int, eval_fraction: float, by_role: bool) -> pa.Table:
-    """Ray UDF: add the ``split`` column: the row's source (explicit eval data) or :func:`hash_fraction`."""
+    """Ray UDF: add the ``split`` column: the row's source (explicit eval data), or held out by prompt.
+
+    The hash is over the digest of the row's canonical prompt (``prompt_digest``: the prompt text of
+    explicit and implicit rows, the parsed prompt messages of conversational rows, before any chat template
+    and before truncation; see :func:`~dpo_ray.data.formats.canonical_prompt`) and the seed, so all pairs
+    of one prompt (UltraFeedback all-pairs, Nectar) land on the same side, whatever the block or worker.
+    """
     if by_role:
         labels = batch.column("role")
     else:
-        ids = batch.column("row_id").to_pylist()
-        labels = pa.array(["eval" if hash_fraction(r, seed) < eval_fraction else "train" for r in ids], pa.string())
+        digests = batch.column(PROMPT_COLUMN).to_pylist()
+        labels = pa.array([choose_side(d, seed, eval_fraction) for d in digests], pa.string())
     return batch.append_column("split", labels)
 
 
@@ -249,7 +269,7 @@ def split_pairs(tokenized, cfg: Config):
     pairs = tokenized.filter(expr=col("drop_reason").is_null())
     if cfg.data.limit > 0:
         pairs = keep_first_rows(filter_split(pairs, "train"), cfg.data.limit).union(filter_split(pairs, "eval"))
-    return pairs.select_columns([*PUBLIC_COLUMNS, "split"]).materialize()
+    return pairs.select_columns([*PUBLIC_COLUMNS, PROMPT_COLUMN, "split"]).materialize()
 
 
 def separate_splits(pairs, columns: list[str]):
@@ -261,27 +281,57 @@ def separate_splits(pairs, columns: list[str]):
 
 
 def describe_split(cfg: Config, sources: dict[str, DataSource]) -> str:
+    """How the held-out side is chosen, in one line for the report and the console."""
     if "eval" in sources:
         return f"eval from {sources['eval'].key}"
-    return f"hash(row_id, seed {cfg.data.split_seed}) < eval_fraction {cfg.data.eval_fraction}"
+    return (f"by prompt: hash(prompt, seed {cfg.data.split_seed}) < eval_fraction {cfg.data.eval_fraction}, "
+            "every pair of a prompt on the same side")
 
 
 def count_split(source_reports: dict[str, dict], name: str) -> int:
     return sum(src["splits"].get(name, 0) for src in source_reports.values())
 
 
+def count_prompts(pairs) -> dict[str, int]:
+    """Distinct prompts on each side of the split pairs (after ``limit``) and how many are on both sides.
+
+    Only the split and prompt-digest columns travel to the driver (a 32-character digest a row).
+    """
+    import ray
+
+    counts = {"train_prompts": 0, "eval_prompts": 0, "shared_prompts": 0}
+    tables = [] if pairs is None else ray.get(pairs.select_columns(["split", PROMPT_COLUMN]).to_arrow_refs())
+    if not tables:
+        return counts
+    keys = pa.concat_tables(tables)
+    train, held_out = (
+        pc.unique(keys.filter(pc.equal(keys.column("split"), name)).column(PROMPT_COLUMN)) for name in ("train", "eval")
+    )
+    counts.update(train_prompts=len(train), eval_prompts=len(held_out),
+                  shared_prompts=pc.sum(pc.is_in(held_out, value_set=train)).as_py() or 0)
+    return counts
+
+
 def build_report(cfg: Config, source_reports: dict[str, dict], sources: dict[str, DataSource],
-                 tokenizer_path: str) -> dict[str, Any]:
-    """The whole report; the split sizes follow from the per-source counts (limit: the first N train rows)."""
+                 tokenizer_path: str, prompt_counts: dict[str, int]) -> dict[str, Any]:
+    """The whole report; the pair counts follow from the per-source counts (limit: the first N train rows),
+    the prompt counts (:func:`count_prompts`) from the split pairs.
+
+    ``split`` holds ``train_pairs`` / ``eval_pairs`` and ``train_prompts`` / ``eval_prompts`` (distinct
+    prompts each side holds), and ``shared_prompts`` (on both sides: 0 when held out by prompt; an explicit
+    eval source may share prompts with the train data).
+    """
     train_pairs = count_split(source_reports, "train")
     return {
         "sources": source_reports,
         "total": total_counts(source_reports),
         "split": {
             "method": describe_split(cfg, sources),
+            "unit": "source" if "eval" in sources else "prompt",
             "limit": cfg.data.limit,
             "train_pairs": min(train_pairs, cfg.data.limit) if cfg.data.limit > 0 else train_pairs,
             "eval_pairs": count_split(source_reports, "eval"),
+            **prompt_counts,
         },
         "settings": {
             "format": cfg.data.format,
@@ -319,7 +369,7 @@ def build_pairs(cfg: Config, sources: dict[str, DataSource], tokenizer_path: str
         role: build_source_report(source, formats[role], [r for r in summary if r["role"] == role], cfg.data.column_map)
         for role, source in sources.items()
     }
-    return pairs, build_report(cfg, source_reports, sources, tokenizer_path)
+    return pairs, build_report(cfg, source_reports, sources, tokenizer_path, count_prompts(pairs))
 
 
 # ---------------------------------------------------------------------------- entry point

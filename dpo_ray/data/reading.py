@@ -6,6 +6,11 @@ strings; pandas would turn ``" 3"`` into an int) with a line-by-line fallback th
 
 The parsing functions are plain Python; :func:`read_parsed_dataset` runs them on Ray Data, one task per
 file, and yields the intermediate rows of :data:`PARSED_SCHEMA`.
+
+A file that cannot be read at all (a corrupt gzip or parquet file, no permission) stops a plain-Python
+read with a :class:`DataValidationError` naming the file and the cause; on Ray Data it becomes one row
+``unreadable_file`` named by the file (an exception raised in a Ray task reaches the driver without its
+message), which the data report explains (:func:`explain_unreadable_file`) and the checks stop on.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ ARROW_BLOCK_BYTES = 64 << 20  # Arrow parses JSON in blocks; a line longer than 
 CONTENT_HASH_LIMIT = 200 << 20  # data files up to this size are fingerprinted by content, larger by mtime
 HF_ROWS_PER_BLOCK = 10_000
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+READ_ERRORS = (OSError, EOFError, zlib.error, pa.ArrowException)  # what reading a broken file raises
 
 PARSED_SCHEMA = pa.schema(
     [
@@ -295,8 +301,27 @@ def open_maybe_gzip(path: str):
     return gzip.open(path, "rb") if gzipped else open(path, "rb")
 
 
+def describe_read_error(path: str, err: Exception) -> str:
+    """``"<path>: cannot be read (<cause>)"``; a :class:`DataValidationError` already names its file."""
+    if isinstance(err, DataValidationError):
+        return str(err)
+    return f"{path}: cannot be read ({type(err).__name__}: {err})"
+
+
 def iter_file_records(file: DataFile, columns: list[str] | None = None) -> Iterator[ParsedRecord]:
-    """Stream one file's records (JSON lines line by line, parquet batch by batch)."""
+    """Stream one file's records (JSON lines line by line, parquet batch by batch).
+
+    Raises:
+        DataValidationError: the file cannot be read (naming its path and the cause).
+    """
+    try:
+        yield from stream_file_records(file, columns)
+    except READ_ERRORS as err:
+        raise DataValidationError(describe_read_error(file.path, err)) from err
+
+
+def stream_file_records(file: DataFile, columns: list[str] | None = None) -> Iterator[ParsedRecord]:
+    """:func:`iter_file_records` without the error translation."""
     if file.name.lower().endswith(".parquet"):
         parquet = pq.ParquetFile(file.path)
         start = 0
@@ -379,14 +404,41 @@ def build_parsed_table(parsed: list[ParsedRecord], file_name: str, file_index: i
     )
 
 
-def parse_file_batch(batch: pa.Table, files: dict[str, tuple[str, int]], columns: list[str],
-                     column_map: dict[str, str]) -> pa.Table:
-    """Ray UDF: ``read_binary_files`` rows (path, bytes) -> parsed rows of each file."""
+def read_file_records(file: DataFile, columns: list[str] | None = None) -> list[ParsedRecord]:
+    """All records of one file, read whole and parsed by :func:`parse_file_bytes` (what a Ray task does).
+
+    Raises:
+        DataValidationError: the file cannot be read (naming it and the cause).
+    """
+    try:
+        return parse_file_bytes(file.name, Path(file.path).read_bytes(), columns)
+    except (*READ_ERRORS, DataValidationError) as err:
+        raise DataValidationError(describe_read_error(file.name, err)) from err
+
+
+def parse_file_batch(batch: pa.Table, columns: list[str], column_map: dict[str, str]) -> pa.Table:
+    """Ray UDF: file rows (path, name, index) -> the parsed rows of each file; a file that cannot be read
+    is one ``unreadable_file`` row whose row id is the file name."""
     tables = []
-    for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist()):
-        name, index = files[str(Path(path))]
-        tables.append(build_parsed_table(parse_file_bytes(name, data, columns), name, index, column_map))
+    for path, name, index in zip(*batch.select(["path", "name", "index"]).to_pydict().values()):
+        try:
+            parsed = read_file_records(DataFile(path, name, index), columns)
+        except DataValidationError:
+            parsed = [ParsedRecord(name, 0, None, DropReason.UNREADABLE_FILE)]
+        tables.append(build_parsed_table(parsed, name, index, column_map))
     return pa.concat_tables(tables) if tables else PARSED_SCHEMA.empty_table()
+
+
+def explain_unreadable_file(source: DataSource, name: str) -> str:
+    """Why file ``name`` of ``source`` cannot be read, found by reading it again in this process."""
+    for file in source.files:
+        if file.name == name:
+            try:
+                read_file_records(file)
+            except DataValidationError as err:
+                return str(err)
+            return f"{name}: a Ray task could not read it, but it reads here (is it on every node?)"
+    return f"{name}: not a file of {source.key}"
 
 
 def parse_hf_batch(batch: pa.Table, name: str, column_map: dict[str, str]) -> pa.Table:
@@ -403,11 +455,12 @@ def read_parsed_dataset(source: DataSource, column_map: Mapping[str, str]):
 
     columns = list_source_columns(column_map)
     if source.kind == "files":
-        files = {str(Path(f.path)): (f.name, f.index) for f in source.files}
-        raw = ray.data.read_binary_files([f.path for f in source.files], include_paths=True)
-        return raw.map_batches(
+        # The task reads the bytes itself (no read_binary_files): Arrow would gunzip by suffix in the read
+        # task, where a corrupt file fails the whole dataset with a message that does not name it.
+        files = [{"path": f.path, "name": f.name, "index": f.index} for f in source.files]
+        return ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
             parse_file_batch, batch_size=1, batch_format="pyarrow",
-            fn_kwargs={"files": files, "columns": columns, "column_map": dict(column_map)},
+            fn_kwargs={"columns": columns, "column_map": dict(column_map)},
         )
     dataset = load_hf_dataset(source)
     table = dataset.with_format("arrow")[:]

@@ -122,44 +122,59 @@ def fingerprint_model(name_or_path: str) -> dict[str, Any]:
 class ReferenceScorer:
     """Ray Data actor UDF: tokenized pairs -> the same rows plus the reference log-probs.
 
-    Rows of a batch are scored in micro-batches of similar length (little padding) with
-    :func:`dpo_ray.modeling.score_pairs` and prefix sharing, then put back in their order.
+    The reference model runs as the policy does at step 0: the same precision recipe (weights dtype and
+    autocast, :func:`dpo_ray.precision.resolve_precision`), the same scorer settings (prefix sharing and
+    response-only logits as configured, the layout resolved per family by
+    :class:`~dpo_ray.modeling.PairLogProbs`), in eval mode. Rows of a batch are scored in micro-batches of
+    similar length (little padding), then put back in their order.
     """
 
-    def __init__(self, model_path: str, dtype: str, attn_implementation: str, trust_remote_code: bool,
-                 pad_id: int, use_gpu: bool, micro_batch_size: int, chunk_size: int, num_threads: int):
+    def __init__(self, model_path: str, dtype: str, mixed_precision: str, attn_implementation: str,
+                 trust_remote_code: bool, pad_id: int, use_gpu: bool, micro_batch_size: int, chunk_size: int,
+                 prefix_sharing: bool, response_only: bool, num_threads: int):
         import torch
 
-        from dpo_ray.modeling import load_causal_lm, resolve_dtype
+        from dpo_ray.modeling import PairLogProbs, load_causal_lm
+        from dpo_ray.precision import resolve_precision
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(num_threads)
-        self.lm = load_causal_lm(
+        self.recipe = resolve_precision(dtype, mixed_precision, self.device)
+        lm = load_causal_lm(
             model_path,
-            dtype=resolve_dtype(dtype, self.device),
+            dtype=self.recipe.weights_dtype,
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
             device=self.device,
         )
-        self.lm.eval()
+        lm.eval()
+        lm.requires_grad_(False)
+        self.scorer = PairLogProbs(lm, prefix_sharing, chunk_size, response_only).eval()
         self.pad_id = pad_id
         self.micro_batch_size = micro_batch_size
-        self.chunk_size = chunk_size
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from dpo_ray.modeling import score_pairs
+    def score(self, pairs: list, num_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """([N] chosen, [N] rejected) float64 summed reference log-probs of ``pairs`` (prompt, chosen,
+        rejected id lists), scored in length-sorted micro-batches under the recipe's autocast."""
+        import torch
 
-        # to_pylist copies out of Ray's read-only buffers before torch sees the ids.
-        pairs = list(zip(*(batch.column(c).to_pylist() for c in ("prompt_ids", "chosen_ids", "rejected_ids"))))
         chosen = np.zeros(len(pairs), dtype=np.float64)
         rejected = np.zeros(len(pairs), dtype=np.float64)
-        order = np.argsort(batch.column("num_tokens").to_numpy(), kind="stable")
+        order = np.argsort(num_tokens, kind="stable")
         for start in range(0, len(order), self.micro_batch_size):
             idx = order[start : start + self.micro_batch_size]
-            c, r = score_pairs(self.lm, [pairs[i] for i in idx], self.pad_id, prefix_sharing=True,
-                               chunk_size=self.chunk_size, device=self.device)
-            chosen[idx], rejected[idx] = c.double().numpy(), r.double().numpy()
+            batch = self.scorer.build_batch([pairs[i] for i in idx], self.pad_id, self.device)
+            with torch.no_grad(), self.recipe.autocast():
+                c, r = self.scorer(batch)
+            chosen[idx] = c.double().cpu().numpy()
+            rejected[idx] = r.double().cpu().numpy()
+        return chosen, rejected
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        # to_pylist copies out of Ray's read-only buffers before torch sees the ids.
+        pairs = list(zip(*(batch.column(c).to_pylist() for c in ("prompt_ids", "chosen_ids", "rejected_ids"))))
+        chosen, rejected = self.score(pairs, batch.column("num_tokens").to_numpy())
         return batch.append_column(REFERENCE_COLUMNS[0], pa.array(chosen)).append_column(
             REFERENCE_COLUMNS[1], pa.array(rejected)
         )
@@ -181,6 +196,8 @@ def build_scoring_resources(cfg) -> dict[str, Any]:
 
 def add_reference_logps(pairs, cfg, model_path: str, pad_id: int):
     """``pairs`` (a Ray dataset of tokenized pairs) with the two reference columns, materialized."""
+    from dpo_ray.precision import count_cpu_threads
+
     batch_size = 4 * cfg.train.micro_batch_size
     return pairs.map_batches(
         ReferenceScorer,
@@ -189,26 +206,37 @@ def add_reference_logps(pairs, cfg, model_path: str, pad_id: int):
         fn_constructor_kwargs={
             "model_path": model_path,
             "dtype": cfg.model.dtype,
+            "mixed_precision": cfg.train.mixed_precision,
             "attn_implementation": cfg.model.attn_implementation,
             "trust_remote_code": cfg.model.trust_remote_code,
             "pad_id": pad_id,
             "use_gpu": cfg.scaling.use_gpu,
             "micro_batch_size": cfg.train.micro_batch_size,
             "chunk_size": cfg.train.logits_chunk_size,
-            "num_threads": max(1, round(cfg.scaling.cpus_per_worker)),
+            "prefix_sharing": cfg.train.prefix_sharing,
+            "response_only": cfg.train.response_only_logits,
+            "num_threads": count_cpu_threads(cfg.scaling.cpus_per_worker),  # as the training workers
         },
         **build_scoring_resources(cfg),
     ).materialize()
 
 
 def build_reference_key(data_key: str, cfg, model_path: str) -> dict[str, Any]:
-    """Everything the reference log-probs depend on besides the tokenized data (named by ``data_key``)."""
+    """Everything the reference log-probs depend on besides the tokenized data (named by ``data_key``):
+    the model, the resolved precision recipe on the scoring device, the attention implementation and
+    the scorer's layout switches."""
+    from dpo_ray.modeling import LENGTH_MULTIPLE
+    from dpo_ray.precision import resolve_config_precision
+
+    device = "cuda" if cfg.scaling.use_gpu else "cpu"
     return {
         "data_key": data_key,
         "model": fingerprint_model(model_path),
-        "dtype": cfg.model.dtype,  # "auto" resolves per device
-        "device": "gpu" if cfg.scaling.use_gpu else "cpu",
+        "precision": resolve_config_precision(cfg, device).describe(),  # weights, autocast, device
+        "length_multiple": LENGTH_MULTIPLE,  # batches are padded to it, which can move the last bits
         "attn_implementation": cfg.model.attn_implementation,
+        "prefix_sharing": cfg.train.prefix_sharing,
+        "response_only_logits": cfg.train.response_only_logits,
     }
 
 

@@ -2,7 +2,9 @@
 
 Counting is one cheap Ray pass (:func:`summarize_batch` per block, merged in the driver). The report is
 written to ``<output_dir>/data_report.json`` on every run, also when a check then stops the run, and
-``read == kept + sum(dropped)`` holds for every file, every source and the total.
+``read == kept + sum(dropped)`` holds for every file, every source and the total (a file that cannot be
+read at all counts as one ``unreadable_file`` row, and its cause is in the source's ``unreadable_files``).
+The ``split`` section (DPO) gives the pairs and the distinct prompts on each side.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
 
-from dpo_ray.data.formats import DataValidationError
-from dpo_ray.data.reading import DataSource
+from dpo_ray.data.formats import DataValidationError, DropReason
+from dpo_ray.data.reading import DataSource, explain_unreadable_file
 
 MAX_EXAMPLES = 5
 REPORT_FILE = "data_report.json"
@@ -26,7 +28,7 @@ SUMMARY_SCHEMA = pa.schema(
         ("file", pa.string()),
         ("file_index", pa.int64()),
         ("reason", pa.string()),  # "" for kept rows
-        ("split", pa.string()),  # train / eval
+        ("split", pa.string()),  # train / eval; null for a row dropped before its prompt was read
         ("rows", pa.int64()),
         ("truncated", pa.int64()),
         ("examples", pa.string()),  # JSON [[position, row_id, field], ...], the first MAX_EXAMPLES by position
@@ -72,8 +74,12 @@ def describe_example(row_id: str, field: str | None, column_map: Mapping[str, st
 
 def build_source_report(source: DataSource, fmt: str, summary: Iterable[Mapping[str, Any]],
                         column_map: Mapping[str, str]) -> dict[str, Any]:
-    """The report of one source from the summary rows of all its batches."""
+    """The report of one source from the summary rows of all its batches.
+
+    A file a Ray task could not read is read again here to say why (``unreadable_files``: name -> cause).
+    """
     files: dict[str, dict[str, Any]] = {}
+    unreadable: list[str] = []
     dropped: Counter = Counter()
     examples: dict[str, list] = defaultdict(list)
     splits: Counter = Counter()
@@ -82,6 +88,8 @@ def build_source_report(source: DataSource, fmt: str, summary: Iterable[Mapping[
         counts = files.setdefault(row["file"], {"read": 0, "kept": 0, "dropped": 0})
         counts["read"] += row["rows"]
         truncated += row["truncated"]
+        if row["reason"] == DropReason.UNREADABLE_FILE.value:
+            unreadable.append(row["file"])
         if row["reason"]:
             counts["dropped"] += row["rows"]
             dropped[row["reason"]] += row["rows"]
@@ -108,6 +116,7 @@ def build_source_report(source: DataSource, fmt: str, summary: Iterable[Mapping[
         "truncated": truncated,
         "splits": dict(sorted(splits.items())),  # kept rows per split, before data.limit
         "files": files,
+        "unreadable_files": {name: explain_unreadable_file(source, name) for name in unreadable},
         "ignored_files": list(source.ignored),
     }
 
@@ -148,8 +157,17 @@ def format_summary(report: Mapping[str, Any]) -> str:
         lines.append(f"data total: {format_counts(report['total'])}")
     split = report.get("split", {})
     if split:
-        lines.append(f"data split: {split['train_pairs']} train / {split['eval_pairs']} eval pairs ({split['method']})")
+        lines.append(f"data split: {describe_side(split, 'train')} / {describe_side(split, 'eval')} ({split['method']})")
+        if split.get("shared_prompts"):
+            lines.append(f"data split: {split['shared_prompts']} prompts are on both sides (the eval source shares "
+                         "them with the train data)")
     return "\n".join(lines)
+
+
+def describe_side(split: Mapping[str, Any], name: str) -> str:
+    """``"900 train pairs of 300 prompts"`` (a report from before the prompt counts: pairs only)."""
+    prompts = split.get(f"{name}_prompts")
+    return f"{split[f'{name}_pairs']} {name} pairs" + ("" if prompts is None else f" of {prompts} prompts")
 
 
 def describe_drops(src: Mapping[str, Any], top: int = 3) -> str:
@@ -163,13 +181,19 @@ def describe_drops(src: Mapping[str, Any], top: int = 3) -> str:
 
 
 def check_sources(report: Mapping[str, Any], max_invalid_fraction: float) -> None:
-    """Stop before training on an empty source or one with too many unusable rows.
+    """Stop before training on an unreadable file, an empty source or one with too many unusable rows.
 
     Raises:
         DataValidationError: naming the source, its files and the top reasons with example row ids.
     """
     for src in report["sources"].values():
         where = f"{src['key']} ({src['path']})"
+        if src.get("unreadable_files"):
+            causes = "; ".join(src["unreadable_files"].values())
+            raise DataValidationError(
+                f"{where}: {len(src['unreadable_files'])} file(s) cannot be read: {causes}. "
+                f"Fix or remove them; details in {REPORT_FILE}."
+            )
         if src["read"] == 0:
             raise DataValidationError(f"{where}: no rows found; the data is empty")
         fraction = src["dropped_total"] / src["read"]

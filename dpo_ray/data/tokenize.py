@@ -11,6 +11,10 @@ Pmax = max_prompt_length:
 * P + M > L: the prompt keeps its end, ``P' = max(min(P, L - M), min(P, Pmax))`` tokens (a leading BOS
   stays in front), then each response keeps its start, ``L - P'`` tokens. Every [prompt | response]
   fits in L tokens.
+
+Every row whose prompt could be read also carries ``prompt_digest``, the digest of its canonical prompt
+(:func:`~dpo_ray.data.formats.canonical_prompt`, the prompt text before any chat template and before
+truncation), which the held-out split hashes and the data report counts distinct prompts by.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import NamedTuple, Sequence
 
 import pyarrow as pa
 
-from dpo_ray.data.formats import DropReason, InvalidRow, TextPair, extract_text_pair
+from dpo_ray.data.formats import DropReason, InvalidRow, TextPair, digest_prompt, parse_pair
 
 TOKEN_LIST = pa.list_(pa.int32())
 TOKENIZED_SCHEMA = pa.schema(
@@ -39,6 +43,7 @@ TOKENIZED_SCHEMA = pa.schema(
         ("truncated", pa.bool_()),
         ("drop_reason", pa.string()),
         ("drop_field", pa.string()),
+        ("prompt_digest", pa.string()),  # null when the row was dropped before its prompt was read
     ]
 )
 
@@ -108,7 +113,8 @@ class PairTokenizer:
 
     The tokenizer is loaded once per instance. ``formats`` maps each row's ``role`` (train / eval source) to
     its data format. Rows already marked unusable pass through with their reason; rows that fail
-    validation or truncation get theirs here.
+    validation or truncation get theirs here. Rows whose texts were read get their ``prompt_digest``
+    (kept also when truncation then drops the row).
     """
 
     def __init__(self, tokenizer_path: str, formats: dict[str, str], max_length: int, max_prompt_length: int,
@@ -124,24 +130,28 @@ class PairTokenizer:
         reasons = batch.column("drop_reason").to_pylist()
         fields = batch.column("drop_field").to_pylist()
         texts: dict[int, TextPair] = {}
+        digests: list[str | None] = [None] * batch.num_rows
         roles = batch.column("role").to_pylist()
         for i, record in enumerate(batch.column("record").to_pylist()):
             if reasons[i] is not None:
                 continue
             try:
-                texts[i] = extract_text_pair(json.loads(record), self.formats[roles[i]], self.tokenizer)
+                parsed = parse_pair(json.loads(record), self.formats[roles[i]], self.tokenizer)
             except InvalidRow as err:
                 reasons[i], fields[i] = err.reason.value, err.field
+                continue
+            texts[i], digests[i] = parsed.texts, digest_prompt(parsed.prompt)
         tokenized: list[TokenizedPair | None] = [None] * batch.num_rows
         for i, pair in zip(texts, encode_pairs(self.tokenizer, list(texts.values()))):
             try:
                 tokenized[i] = truncate_pair(pair, self.max_length, self.max_prompt_length, self.tokenizer.bos_token_id)
             except InvalidRow as err:
                 reasons[i], fields[i] = err.reason.value, err.field
-        return self.build_table(batch, tokenized, reasons, fields)
+        return self.build_table(batch, tokenized, reasons, fields, digests)
 
     @staticmethod
-    def build_table(batch: pa.Table, tokenized: list[TokenizedPair | None], reasons: list, fields: list) -> pa.Table:
+    def build_table(batch: pa.Table, tokenized: list[TokenizedPair | None], reasons: list, fields: list,
+                    digests: list) -> pa.Table:
         """Assemble the output rows; token columns are null for unusable rows."""
         def column(get):
             return [None if t is None else get(t) for t in tokenized]
@@ -155,6 +165,7 @@ class PairTokenizer:
             truncated=column(lambda t: t.truncated),
             drop_reason=reasons,
             drop_field=fields,
+            prompt_digest=digests,
         )
         return pa.table(data, schema=TOKENIZED_SCHEMA)
 
