@@ -150,13 +150,13 @@ def test_sigterm_checkpoints_and_the_same_command_resumes_to_the_same_step(ray_s
            "--set", f"model.name_or_path={tiny_model_dir}", "--set", f"data.train={pairs_file}",
            "--set", f"output_dir={out}", "--set", f"data.cache_dir={tmp_path.parent}/cache",
            "--set", "data.eval_fraction=0.25", "--set", "data.max_length=256", "--set", "scaling.num_workers=1",
-           "--set", "train.batch_size=4", "--set", "train.max_steps=60", "--set", "train.eval_every=100",
+           "--set", "train.batch_size=4", "--set", "train.max_steps=200", "--set", "train.eval_every=100",
            "--set", "train.log_every=1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     log = tmp_path / "first.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-        wait_for(lambda: "step 3/60" in log.read_text(), 240, "training to reach step 3")
+        wait_for(lambda: "step 3/200" in log.read_text(), 240, "training to reach step 3")
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=120)
     first = log.read_text()
@@ -164,11 +164,11 @@ def test_sigterm_checkpoints_and_the_same_command_resumes_to_the_same_step(ray_s
     # the driver's own line: the worker's "checkpoint saved" line can reach the log after the driver exits
     assert "interrupted at step " in first and "checkpoint at " in first
     stopped_at = int(first.split("interrupted at step ")[1].split(";")[0])
-    assert 3 <= stopped_at < 60
+    assert 3 <= stopped_at < 200
 
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"resuming from checkpoint at step {stopped_at}/60" in second.stdout + second.stderr
+    assert f"resuming from checkpoint at step {stopped_at}/200" in second.stdout + second.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 60
+    assert summary["steps"] == 200
     assert summary["interrupted"] is False
