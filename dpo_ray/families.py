@@ -81,19 +81,17 @@ def resolve_logit_transform(config: Any) -> LogitTransform:
         elif model_type.startswith("hyperclovax"):
             steps.append(("mul", float(scaling)))
         else:
-            steps.append(("unknown", float(scaling)))
+            raise UnsupportedModelError(
+                f"model type {model_type!r} sets logits_scaling={scaling} and dpo-ray does not know whether its "
+                "forward multiplies or divides by it; set train.response_only_logits=false to score with the "
+                "model's own forward"
+            )
     logit_scale = getattr(config, "logit_scale", None)
     if model_type.startswith("cohere") and logit_scale is not None and logit_scale != 1.0:
         steps.append(("mul", float(logit_scale)))
     softcap = getattr(config, "final_logit_softcapping", None)
     if softcap:
         steps.append(("softcap", float(softcap)))
-    if any(op == "unknown" for op, _ in steps):
-        raise UnsupportedModelError(
-            f"model type {model_type!r} sets logits_scaling={scaling} and dpo-ray does not know whether its "
-            "forward multiplies or divides by it; set train.response_only_logits=false to score with the "
-            "model's own forward"
-        )
     return LogitTransform(tuple(steps))
 
 
