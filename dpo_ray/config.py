@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -30,9 +30,12 @@ class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names the key."""
 
 
-# model.attn_implementation values: "auto" (transformers picks: from_pretrained gets None) and transformers' own
-# built-in implementations; checked here so that a typo fails before Ray starts, not in every worker.
-ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+# Choices are Literal types: the builder checks them when a config is made (a typo fails before Ray starts, not
+# in every worker), and the error lists them.
+# model.attn_implementation: "auto" (transformers picks: from_pretrained gets None) or one of transformers' own.
+AttnImplementation = Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"]
+# dpo.loss_type: the names of losses.LossType, read from the enum that holds their behaviour (one list, not two).
+LossTypeName = Literal[tuple(member.value for member in LossType)]  # type: ignore[valid-type]
 
 
 @dataclass
@@ -49,7 +52,7 @@ class LoraSettings:
 class TinyModelSettings:
     """Shape of the random-init model built when ``model.name_or_path`` is empty."""
 
-    architecture: str = "llama"  # llama | qwen2
+    architecture: Literal["llama", "qwen2"] = "llama"
     vocab_size: int = 2048  # a local byte-level BPE vocabulary; small so the lm_head stays cheap
     hidden_size: int = 128
     num_layers: int = 2
@@ -64,10 +67,11 @@ class TinyModelSettings:
 class ModelSettings:
     name_or_path: str = ""  # hub id or local HF directory; empty builds the tiny model
     trust_remote_code: bool = False  # never run a repository's code unless the user opts in
-    dtype: str = "auto"  # weights: auto = float32 (bf16 compute comes from train.mixed_precision) | float32 | bfloat16
+    # weights; auto = float32 (bf16 compute comes from train.mixed_precision)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # auto = what transformers picks for the model: sdpa where the family supports it, else eager (e.g. Gemma 2,
-    # which soft-caps attention logits); or eager | sdpa | flex_attention | flash_attention_2 | flash_attention_3
-    attn_implementation: str = "auto"
+    # which soft-caps attention logits)
+    attn_implementation: AttnImplementation = "auto"
     gradient_checkpointing: bool = False  # trades ~30% compute for activation memory
     tiny: TinyModelSettings = field(default_factory=TinyModelSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -77,11 +81,12 @@ class ModelSettings:
 class DataSettings:
     train: str = BUNDLED_HH_DATA  # file, directory, or hub dataset id (with data.split)
     eval: str = ""  # optional explicit held-out file; empty holds out data.eval_fraction of train
-    format: str = "auto"  # auto | explicit | implicit | conversational
+    format: Literal["auto", "explicit", "implicit", "conversational"] = "auto"
     split: str = "train"  # split name when data.train is a hub dataset id or HF dataset directory
     eval_split: str = ""  # split of a hub dataset for evaluation (empty: hold out a fraction)
     column_map: dict[str, str] = field(default_factory=dict)  # e.g. {question: prompt, good: chosen}
-    eval_fraction: float = 0.1  # held-out share of the prompts (all pairs of a prompt on one side) when no eval file is given
+    # held-out share of the prompts (all pairs of a prompt on one side) when no eval file is given
+    eval_fraction: float = 0.1
     split_seed: int = 1234  # the held-out split depends on this seed only, not on workers
     max_length: int = 1024  # TRL's default; HH prompts are long (at 512, 3% of the bundled rows exceed it)
     max_prompt_length: int = 0  # 0 = max_length // 2; prompts are cut from the start down to this
@@ -93,10 +98,10 @@ class DataSettings:
 @dataclass
 class DPOSettings:
     beta: float = 0.1  # the paper's default KL strength
-    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo (per-token averaged, as TRL) | hinge | robust: TRL's names
+    loss_type: LossTypeName = "sigmoid"  # TRL's names; ipo averages per token, as TRL
     label_smoothing: float = 0.0  # label-flip rate in [0, 0.5) assumed by sigmoid (cDPO) and robust; 0 for the others
     rpo_alpha: float = 0.0  # weight of the NLL term on chosen responses (RPO); 0 disables it
-    reference: str = "precomputed"  # precomputed | model | adapter (LoRA only)
+    reference: Literal["precomputed", "model", "adapter"] = "precomputed"  # adapter: LoRA only
 
 
 @dataclass
@@ -107,17 +112,17 @@ class TrainSettings:
     max_steps: int = 0  # 0 = run data.epochs over the data
     epochs: int = 1
     seed: int = 42
-    optimizer: str = "adamw"  # adamw | rmsprop (the paper's recipe: rmsprop, lr 1e-6)
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"  # the paper's recipe: rmsprop, lr 1e-6
     weight_decay: float = 0.0  # DPO recipes train without weight decay
     warmup_steps: int = 0  # the paper uses 150 at batch 64
-    lr_schedule: str = "linear"  # linear | cosine | constant, after warmup
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"  # after warmup
     max_grad_norm: float = 1.0  # clip; 0 disables
     eval_every: int = 0  # steps between evaluations; 0 = only at the end
     checkpoint_every: int = 0  # steps between checkpoints; 0 = with each evaluation
     keep_checkpoints: int = 2  # best k by eval accuracy are kept
     log_every: int = 5  # steps between progress lines
-    mixed_precision: str = "auto"  # auto = bf16 autocast on GPU, none on CPU | bf16 | no
-    strategy: str = "ddp"  # ddp | fsdp
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto = bf16 autocast on GPU, none on CPU
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     prefix_sharing: bool = True  # [prompt|chosen|rejected] in one row: the prompt runs once
     shuffle: bool = True  # seeded new order every epoch; false: the data's own order (to replay another run's)
     length_bucketing: bool = True  # batch pairs of similar length: little padding (only when shuffling)
@@ -144,7 +149,7 @@ class ScalingSettings:
 class SweepSettings:
     num_samples: int = 4
     max_concurrent_trials: int = 2
-    beta_search: str = "loguniform"  # loguniform | grid
+    beta_search: Literal["loguniform", "grid"] = "loguniform"
     beta_min: float = 0.02
     beta_max: float = 0.5
     beta_grid: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.3, 0.5])
@@ -200,6 +205,8 @@ class Config:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(choice) for choice in typing.get_args(tp))
     if origin is None:
         return getattr(tp, "__name__", str(tp))
     args = ", ".join(_type_name(a) for a in typing.get_args(tp))
@@ -212,6 +219,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     bad = ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if tp is Any:
         return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, str) and value in choices:
+            return value
+        raise ConfigError(f"config key '{key}': must be one of {', '.join(choices)}; got {value!r}")
     if origin is list:
         if not isinstance(value, list):
             raise bad
@@ -274,22 +286,25 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b=value``: the value is parsed as YAML, except for string fields, which keep the raw text."""
+def parse_override(text: str, root: type | None = None) -> tuple[str, Any]:
+    """``a.b=value`` -> ``("a.b", value)``; the value is parsed as YAML, except for string fields (raw text).
+
+    ``root`` is the settings dataclass the key is looked up in (default :class:`Config`), so an unknown key
+    fails here, naming it.
+    """
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
-    path = key.split(".")
-    if _field_type(Config, path) is str:
-        return path, raw
+    if _field_type(root or Config, key.split(".")) is str:
+        return key, raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"config key '{key}': cannot parse {raw!r}: {exc}") from None
-    return path, value
+    return key, value
 
 
 def _field_type(cls: type, path: list[str]) -> Any:
@@ -310,24 +325,30 @@ def _field_type(cls: type, path: list[str]) -> Any:
     return tp
 
 
-def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """``tree["a"]["b"] = value`` for ``key="a.b"``, making the sections on the way."""
     node = tree
-    for name in path[:-1]:
+    *parents, leaf = key.split(".")
+    for name in parents:
         child = node.get(name)
         if not isinstance(child, dict):
             child = {}
             node[name] = child
         node = child
-    node[path[-1]] = value
+    node[leaf] = value
 
 
-def merge_overrides(base: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides (values parsed as YAML) onto a config dict."""
+def merge_overrides(base: dict[str, Any], overrides: list[str], root: type | None = None) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) onto a copy of a settings dict."""
     tree = json.loads(json.dumps(base))
     for text in overrides:
-        path, value = _parse_override(text)
-        _set_path(tree, path, value)
+        set_dotted(tree, *parse_override(text, root))
     return tree
+
+
+def build_settings(cls: type, overrides: list[str], base: dict[str, Any] | None = None) -> Any:
+    """A dataclass ``cls`` from ``key=value`` overrides over ``base`` (types checked as for the Config)."""
+    return _from_dict(cls, merge_overrides(base or {}, overrides, root=cls))
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -335,6 +356,15 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     cfg = _from_dict(Config, data or {})
     validate_config(cfg)
     return cfg
+
+
+def derive_config(cfg: Config, values: dict[str, Any]) -> Config:
+    """A validated copy of ``cfg`` with dotted-key ``values`` (``{"train.learning_rate": 1e-3}``)."""
+    tree = cfg.to_dict()
+    for key, value in values.items():
+        _field_type(Config, key.split("."))
+        set_dotted(tree, key, value)
+    return config_from_dict(tree)
 
 
 def build_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -360,14 +390,9 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
-def _require_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
-    _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
-
-
 def validate_config(cfg: Config) -> None:
     """Reject values that cannot train; each error names the key (one line, before Ray starts)."""
     _require(cfg.dpo.beta > 0, "dpo.beta", f"must be > 0; got {cfg.dpo.beta}")
-    _require_choice(cfg.dpo.loss_type, "dpo.loss_type", tuple(m.value for m in LossType))
     _require(0.0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
     loss_type = LossType(cfg.dpo.loss_type)
     _require(
@@ -377,7 +402,6 @@ def validate_config(cfg: Config) -> None:
         f"{', '.join(m.value for m in LossType if m.uses_label_smoothing)} use label smoothing (set it to 0)",
     )
     _require(cfg.dpo.rpo_alpha >= 0, "dpo.rpo_alpha", "must be >= 0")
-    _require_choice(cfg.dpo.reference, "dpo.reference", ("precomputed", "model", "adapter"))
     _require(
         cfg.dpo.reference != "adapter" or cfg.model.lora.enabled,
         "dpo.reference",
@@ -388,10 +412,6 @@ def validate_config(cfg: Config) -> None:
     _require(cfg.train.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
     _require(cfg.train.max_steps >= 0, "train.max_steps", "must be >= 0")
     _require(cfg.train.epochs >= 1, "train.epochs", "must be >= 1")
-    _require_choice(cfg.train.optimizer, "train.optimizer", ("adamw", "rmsprop"))
-    _require_choice(cfg.train.lr_schedule, "train.lr_schedule", ("linear", "cosine", "constant"))
-    _require_choice(cfg.train.mixed_precision, "train.mixed_precision", ("auto", "bf16", "no"))
-    _require_choice(cfg.train.strategy, "train.strategy", ("ddp", "fsdp"))
     _require(  # Ray Train's prepare_model refuses FSDP on CPU workers; better now than after the workers start
         cfg.train.strategy == "ddp" or cfg.scaling.use_gpu,
         "train.strategy",
@@ -417,25 +437,21 @@ def validate_config(cfg: Config) -> None:
         "train.batch_size",
         f"{cfg.train.batch_size} pairs must split evenly over scaling.num_workers={workers}",
     )
-    _require(cfg.data.max_length >= 8, "data.max_length", f"{cfg.data.max_length} is too small for any prompt and response (>= 8)")
+    _require(cfg.data.max_length >= 8, "data.max_length",
+             f"{cfg.data.max_length} is too small for any prompt and response (>= 8)")
     _require(
         0 <= cfg.data.max_prompt_length < cfg.data.max_length,
         "data.max_prompt_length",
         "must be >= 0 and below data.max_length",
     )
-    _require_choice(cfg.data.format, "data.format", ("auto", "explicit", "implicit", "conversational"))
     _require(0.0 < cfg.data.eval_fraction < 1.0 or bool(cfg.data.eval) or bool(cfg.data.eval_split),
              "data.eval_fraction", "must be in (0, 1) when no data.eval file is given")
     _require(0.0 <= cfg.data.max_invalid_fraction <= 1.0, "data.max_invalid_fraction", "must be in [0, 1]")
     _require(bool(cfg.data.train), "data.train", "must name a file, directory or dataset id")
-    _require_choice(cfg.model.dtype, "model.dtype", ("auto", "float32", "bfloat16"))
-    _require_choice(cfg.model.attn_implementation, "model.attn_implementation", ATTN_IMPLEMENTATIONS)
-    _require_choice(cfg.model.tiny.architecture, "model.tiny.architecture", ("llama", "qwen2"))
     _require(cfg.model.lora.r >= 1, "model.lora.r", "must be >= 1")
     _require(bool(cfg.run_name), "run_name", "must not be empty")
     _require(cfg.sweep.num_samples >= 1, "sweep.num_samples", "must be >= 1")
     _require(cfg.sweep.max_concurrent_trials >= 1, "sweep.max_concurrent_trials", "must be >= 1")
-    _require_choice(cfg.sweep.beta_search, "sweep.beta_search", ("loguniform", "grid"))
     _require(0 < cfg.sweep.beta_min <= cfg.sweep.beta_max, "sweep.beta_min", "needs 0 < beta_min <= beta_max")
     _require(0 < cfg.sweep.lr_min <= cfg.sweep.lr_max, "sweep.lr_min", "needs 0 < lr_min <= lr_max")
     for key in cfg.sweep.extra:

@@ -34,53 +34,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
-from dpo_ray.config import Config, ConfigError, build_config, config_from_dict, merge_overrides
+from dpo_ray.config import REPO_ROOT, Config, build_config, build_settings, derive_config
 
 STAGE_FILE = "stage.json"
 PLOT_FILE = "demo.png"
 
-# The embedded default of the demo's Config; configs/demo.yaml writes it out (a test keeps them equal).
-DEMO_CONFIG: dict[str, Any] = {
-    "model": {
-        "tiny": {
-            "architecture": "llama",
-            "vocab_size": 300,  # byte-level alphabet + specials: every digit is one token
-            "hidden_size": 32,  # small on purpose: it learns addition gradually, and trains in seconds
-            "num_layers": 2,
-            "num_heads": 4,
-            "num_kv_heads": 2,
-            "intermediate_size": 80,
-            "max_position_embeddings": 64,
-        },
-    },
-    "data": {"format": "explicit", "max_length": 32},
-    "dpo": {"beta": 3.0, "loss_type": "sigmoid", "reference": "precomputed"},
-    "train": {
-        "learning_rate": 3e-4,
-        "batch_size": 32,
-        "micro_batch_size": 32,
-        "max_steps": 900,  # held-out preference accuracy passes 0.90 near here (0.86 at 300)
-        "warmup_steps": 0,
-        "lr_schedule": "linear",
-        "eval_every": 300,  # a checkpoint every 300 steps: the points of the reward/KL plot
-        "keep_checkpoints": 12,
-        "log_every": 150,
-        "seed": 0,
-        "length_bucketing": False,  # else 2- and 3-digit answers land in separate batches
-    },
-    "scaling": {"num_workers": 2, "cpus_per_worker": 1.0},
-    "output_dir": "outputs/demo",
-    "run_name": "dpo",
-}
+# The demo's Config when no --config is given; the file explains each value.
+DEMO_CONFIG_FILE = REPO_ROOT / "configs" / "demo.yaml"
 
 
 @dataclass
@@ -120,43 +86,13 @@ class DemoSettings:
 
 
 def build_demo_config(yaml_path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """The demo's Config: ``yaml_path`` when given, else the embedded :data:`DEMO_CONFIG`, then ``overrides``."""
-    if yaml_path:
-        return build_config(yaml_path, overrides)
-    return config_from_dict(merge_overrides(DEMO_CONFIG, overrides or []))
+    """The demo's Config: ``yaml_path``, else :data:`DEMO_CONFIG_FILE`, then ``--set`` ``overrides``."""
+    return build_config(yaml_path or DEMO_CONFIG_FILE, overrides)
 
 
 def parse_demo_settings(items: list[str]) -> DemoSettings:
-    """``key=value`` strings (values parsed as YAML) over the defaults; an unknown key raises ConfigError."""
-    fields = {f.name: f for f in dataclasses.fields(DemoSettings)}
-    values: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or key not in fields:
-            raise ConfigError(f"--demo '{item}': expected key=value with key one of {', '.join(fields)}")
-        value = yaml.safe_load(raw)
-        default = getattr(DemoSettings, key)
-        if isinstance(default, float) and not isinstance(value, bool):
-            try:
-                value = float(value)  # YAML reads 3e-4 (no dot) as a string
-            except (TypeError, ValueError):
-                pass
-        if type(value) is not type(default):
-            raise ConfigError(f"--demo {key} expects {type(default).__name__}, got {value!r}")
-        values[key] = value
-    return DemoSettings(**values)
-
-
-def derive_config(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """A copy of ``cfg`` with dotted-key ``overrides`` (``{"train.learning_rate": 1e-3}``), validated."""
-    tree = cfg.to_dict()
-    for key, value in overrides.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return config_from_dict(tree)
+    """``--demo key=value`` strings over the defaults, parsed and type-checked as Config overrides are."""
+    return build_settings(DemoSettings, items)
 
 
 TASK_FIELDS = ("min_digits", "max_digits", "task_seed", "sft_prompts", "pair_prompts", "heldout_prompts")
@@ -287,8 +223,10 @@ def make_pairs(demo: DemoSettings, sft_model: str, out: Path) -> dict[str, Any]:
         cpus_per_actor=demo.cpus_per_actor,
     )
     return {
-        "train": make_preference_pairs(splits.pairs, sft_model, settings, out / "train.jsonl", demo.max_pairs_per_prompt),
-        "heldout": make_preference_pairs(splits.heldout, sft_model, dataclasses.replace(settings, seed=settings.seed + 1),
+        "train": make_preference_pairs(splits.pairs, sft_model, settings, out / "train.jsonl",
+                                       demo.max_pairs_per_prompt),
+        "heldout": make_preference_pairs(splits.heldout, sft_model,
+                                         dataclasses.replace(settings, seed=settings.seed + 1),
                                          out / "heldout.jsonl", demo.max_pairs_per_prompt),
     }
 
@@ -530,54 +468,3 @@ def print_report(summary: dict, evaluation: dict, out: Path) -> None:
                   f"Preferred-FT {e['preferred_ft']!r}")
     print(f"\n[demo] summary: {out / 'summary.json'}\n[demo] plot: {summary['plot']}\n"
           f"[demo] stage seconds: {summary['stage_seconds']}", flush=True)
-
-
-def main_demo(argv: list[str] | None = None) -> dict:
-    """``workflows/demo.py``: parse ``--config`` / ``--set`` / ``--demo``, start Ray, run the chain."""
-    import argparse
-
-    from dpo_ray.cli import exit_on_input_error, print_config
-    from dpo_ray.cluster import init_ray
-
-    parser = argparse.ArgumentParser(description="DPO demo: SFT reference, self-generated pairs, DPO, "
-                                                 "Preferred-FT, evaluation on a small arithmetic task.")
-    parser.add_argument("--config", default=None, help="Config YAML (default: the embedded demo config, "
-                                                       "written out in configs/demo.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a Config key, e.g. --set dpo.beta=0.5 (repeatable)")
-    parser.add_argument("--demo", dest="demo", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override a demo setting ({', '.join(f.name for f in dataclasses.fields(DemoSettings))})")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[dpo-ray] %(message)s")
-    with exit_on_input_error():
-        cfg = build_demo_config(args.config, args.overrides)
-        demo = parse_demo_settings(args.demo)
-    print_config(cfg)
-    print("[demo] demo settings: " + json.dumps(asdict(demo)), flush=True)
-    init_ray()
-    return run_demo(cfg, demo)
-
-
-def main_make_pairs(argv: list[str] | None = None) -> dict:
-    """``workflows/make_pairs.py``: self-generated pairs from a model, for the demo's task splits."""
-    import argparse
-
-    from dpo_ray.cli import exit_on_input_error
-    from dpo_ray.cluster import init_ray
-
-    parser = argparse.ArgumentParser(description="Self-generated preference pairs for the arithmetic task.")
-    parser.add_argument("--model", required=True, help="Hugging Face directory of the model that answers")
-    parser.add_argument("--output", required=True, help="directory for train.jsonl, heldout.jsonl, report.json")
-    parser.add_argument("--demo", dest="demo", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a demo setting (task size, samples_per_prompt, temperature, ...)")
-    args = parser.parse_args(argv)
-    with exit_on_input_error():
-        demo = parse_demo_settings(args.demo)
-    init_ray()
-    out = Path(args.output)
-    report = make_pairs(demo, args.model, out)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    for split, r in report.items():
-        print(f"{split}: {r['pairs']} pairs from {r['prompts_with_pairs']}/{r['prompts']} prompts -> {r['file']} "
-              f"(sample accuracy {r['sample_accuracy']:.3f}, pass@k {r['pass_at_k']:.3f})")
-    return report

@@ -7,8 +7,10 @@ Nothing here touches the network. ``AutoModelForCausalLM.from_pretrained(path)``
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -125,3 +127,38 @@ def make_cached_tiny_model(cache_dir: str | os.PathLike, texts: list[str], setti
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def count_saved_parameters(model_dir: str | os.PathLike) -> int:
+    """Parameters in a saved model, read from its safetensors headers (no model is built)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:  # not ours (e.g. a .bin checkpoint): load it the ordinary way
+        from transformers import AutoModelForCausalLM
+
+        return count_parameters(AutoModelForCausalLM.from_pretrained(model_dir))
+    from safetensors import safe_open
+
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
+
+
+def read_tokenizer_texts(path: str | os.PathLike, max_rows: int) -> list[str]:
+    """The ``chosen`` and ``rejected`` strings of the first ``max_rows`` rows (0 = all) of a (gzipped) JSONL file."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    texts: list[str] = []
+    rows = 0
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            if max_rows and rows >= max_rows:
+                break
+            row = json.loads(line)
+            rows += 1
+            texts += [row[key] for key in ("chosen", "rejected") if isinstance(row.get(key), str) and row[key]]
+    return texts

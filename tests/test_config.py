@@ -362,3 +362,63 @@ def test_fsdp_without_gpus_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match="train.strategy.*scaling.use_gpu"):
         build_config(None, ["train.strategy=fsdp"])
     assert build_config(None, ["train.strategy=fsdp", "scaling.use_gpu=true"]).train.strategy == "fsdp"
+
+
+# ---------------------------------------------------------------------------- one toolkit: Literal, setter, parser
+
+
+def test_every_literal_field_refuses_a_value_outside_its_choices_listing_them():
+    import dataclasses
+    import typing
+
+    from dpo_ray.config import _field_type
+
+    def literal_keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(tp):
+                yield from literal_keys(tp, key + ".")
+            elif typing.get_origin(tp) is typing.Literal:
+                yield key, typing.get_args(tp)
+
+    keys = dict(literal_keys(Config))
+    assert {"dpo.loss_type", "model.attn_implementation", "train.strategy", "data.format"} <= set(keys)
+    for key, choices in keys.items():
+        assert _field_type(Config, key.split(".")) is not str  # a choice, not free text
+        with pytest.raises(ConfigError, match=rf"'{key}': must be one of {', '.join(choices)}; got 'nope'"):
+            build_config(None, [f"{key}=nope"])
+
+
+def test_parse_override_and_set_dotted_are_the_one_way_to_set_a_key():
+    from dpo_ray.config import parse_override, set_dotted
+
+    assert parse_override("dpo.beta=0.3") == ("dpo.beta", 0.3)
+    assert parse_override("output_dir=007") == ("output_dir", "007")  # string fields keep the text
+    tree = {"dpo": {"beta": 0.1}}
+    set_dotted(tree, "dpo.beta", 0.2)
+    set_dotted(tree, "train.learning_rate", 1e-4)
+    assert tree == {"dpo": {"beta": 0.2}, "train": {"learning_rate": 1e-4}}
+
+
+def test_derive_config_copies_validates_and_names_an_unknown_key():
+    from dpo_ray.config import derive_config
+
+    base = Config()
+    derived = derive_config(base, {"dpo.beta": 0.4, "train.learning_rate": 2e-4})
+    assert (derived.dpo.beta, derived.train.learning_rate, base.dpo.beta) == (0.4, 2e-4, Config().dpo.beta)
+    with pytest.raises(ConfigError, match=r"'dpo\.betta'"):
+        derive_config(base, {"dpo.betta": 0.4})
+    with pytest.raises(ConfigError, match=r"'dpo\.beta'"):
+        derive_config(base, {"dpo.beta": -1.0})
+
+
+def test_build_settings_types_any_settings_dataclass_like_the_config():
+    from dpo_ray.config import TinyModelSettings, build_settings
+
+    tiny = build_settings(TinyModelSettings, ["hidden_size=64", "architecture=qwen2"])
+    assert (tiny.hidden_size, tiny.architecture, tiny.num_layers) == (64, "qwen2", TinyModelSettings().num_layers)
+    with pytest.raises(ConfigError, match="'hidden_sise'"):
+        build_settings(TinyModelSettings, ["hidden_sise=64"])
+    with pytest.raises(ConfigError, match="'architecture': must be one of llama, qwen2"):
+        build_settings(TinyModelSettings, ["architecture=gpt2"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dpo_ray.config import ConfigError, build_config
-from dpo_ray.demo import DEMO_CONFIG, DemoSettings, build_demo_config, parse_demo_settings, run_demo
+from dpo_ray.demo import DEMO_CONFIG_FILE, DemoSettings, build_demo_config, parse_demo_settings, run_demo
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_YAML = REPO / "configs" / "demo.yaml"
@@ -19,11 +19,11 @@ DEMO_YAML = REPO / "configs" / "demo.yaml"
 # ---------------------------------------------------------------------------- settings
 
 
-def test_demo_yaml_is_the_embedded_default_and_starts_with_its_command():
-    assert build_config(DEMO_YAML) == build_demo_config()
-    first = DEMO_YAML.read_text().splitlines()[0]
-    assert first.startswith("#") and "workflows/demo.py" in first and "configs/demo.yaml" in first
-    assert build_demo_config().model.tiny.hidden_size == DEMO_CONFIG["model"]["tiny"]["hidden_size"]
+def test_the_demo_config_defaults_to_configs_demo_yaml_and_takes_overrides():
+    assert DEMO_CONFIG_FILE == DEMO_YAML
+    assert build_demo_config() == build_config(DEMO_YAML)
+    assert build_demo_config().model.tiny.hidden_size == 32  # the demo's own shape, not the Config default
+    assert build_demo_config(None, ["dpo.beta=0.5"]).dpo.beta == 0.5
 
 
 def test_demo_settings_parse_and_reject_unknown_or_mistyped_keys():
@@ -31,7 +31,7 @@ def test_demo_settings_parse_and_reject_unknown_or_mistyped_keys():
     assert (demo.sft_steps, demo.temperature, demo.pft_learning_rate) == (50, 1.0, 3e-4)
     with pytest.raises(ConfigError, match="sft_stepz"):
         parse_demo_settings(["sft_stepz=5"])
-    with pytest.raises(ConfigError, match="sft_steps expects int"):
+    with pytest.raises(ConfigError, match="'sft_steps' expects int"):
         parse_demo_settings(["sft_steps=fast"])
     with pytest.raises(ConfigError):
         parse_demo_settings(["sft_steps"])

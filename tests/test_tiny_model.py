@@ -205,14 +205,6 @@ def _cli_env() -> dict[str, str]:
             "OMP_NUM_THREADS": "1"}
 
 
-def test_cli_first_line_after_docstring_is_a_usage_comment():
-    lines = CLI.read_text().splitlines()
-    assert lines[0].startswith("#!")
-    end = next(i for i, line in enumerate(lines[2:], start=2) if line.rstrip().endswith('"""'))
-    usage = lines[end + 1]
-    assert usage.startswith("# Usage:") and "workflows/make_tiny_model.py --output" in usage
-
-
 def test_cli_builds_a_model_directory_that_loads(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -8,7 +8,7 @@ Stages: tiny model -> SFT reference -> self-generated pairs -> DPO -> Preferred-
 Re-running skips stages whose outputs exist. Results: <output_dir>/summary.json and <output_dir>/demo.png.
 """
 
-from dpo_ray.demo import main_demo
+from dpo_ray.cli import main_demo
 
 if __name__ == "__main__":
     main_demo()

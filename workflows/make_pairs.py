@@ -10,7 +10,7 @@ JSONL {prompt, chosen, rejected}: <output>/train.jsonl (pair prompts) and <outpu
         --demo samples_per_prompt=16 --demo temperature=0.8
 """
 
-from dpo_ray.demo import main_make_pairs
+from dpo_ray.cli import main_make_pairs
 
 if __name__ == "__main__":
     main_make_pairs()

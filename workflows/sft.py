@@ -9,7 +9,7 @@ SFT model exists (maximum likelihood on the chosen responses of data.train; reje
 The result is <output_dir>/final_model (a Hugging Face directory) and <output_dir>/summary.json.
 """
 
-from dpo_ray.sft import main_sft
+from dpo_ray.cli import main_sft
 
 if __name__ == "__main__":
     main_sft()

@@ -8,7 +8,7 @@
 Running the same command again resumes an interrupted sweep (finished trials are not redone).
 """
 
-from dpo_ray.sweep import main_sweep
+from dpo_ray.cli import main_sweep
 
 if __name__ == "__main__":
     main_sweep()

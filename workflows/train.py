@@ -6,7 +6,7 @@
     ray job submit --working-dir . -- python workflows/train.py --config configs/default.yaml
 """
 
-from dpo_ray.workflow import main_train
+from dpo_ray.cli import main_train
 
 if __name__ == "__main__":
     main_train()
