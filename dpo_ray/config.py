@@ -391,7 +391,17 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 
 def validate_config(cfg: Config) -> None:
-    """Reject values that cannot train; each error names the key (one line, before Ray starts)."""
+    """Reject values that cannot train; each error names the key (one line, before Ray starts).
+
+    Choices (``Literal`` fields) and types were checked when the config was built; these are the ranges and the
+    combinations.
+    """
+    for check in (_validate_dpo, _validate_train, _validate_scaling, _validate_data, _validate_model_and_run,
+                  _validate_sweep):
+        check(cfg)
+
+
+def _validate_dpo(cfg: Config) -> None:
     _require(cfg.dpo.beta > 0, "dpo.beta", f"must be > 0; got {cfg.dpo.beta}")
     _require(0.0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
     loss_type = LossType(cfg.dpo.loss_type)
@@ -407,6 +417,9 @@ def validate_config(cfg: Config) -> None:
         "dpo.reference",
         "'adapter' needs model.lora.enabled=true (the base model with the adapter off is the reference)",
     )
+
+
+def _validate_train(cfg: Config) -> None:
     _require(cfg.train.learning_rate > 0, "train.learning_rate", f"must be > 0; got {cfg.train.learning_rate}")
     _require(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     _require(cfg.train.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
@@ -428,6 +441,9 @@ def validate_config(cfg: Config) -> None:
     _require(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _require(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
     _require(cfg.train.logits_chunk_size >= 1, "train.logits_chunk_size", "must be >= 1")
+
+
+def _validate_scaling(cfg: Config) -> None:
     _require(cfg.scaling.num_workers >= 0, "scaling.num_workers", "must be >= 0 (0 runs in the driver, for debugging)")
     _require(cfg.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
     _require(cfg.scaling.max_failures >= 0, "scaling.max_failures", "must be >= 0")
@@ -437,6 +453,9 @@ def validate_config(cfg: Config) -> None:
         "train.batch_size",
         f"{cfg.train.batch_size} pairs must split evenly over scaling.num_workers={workers}",
     )
+
+
+def _validate_data(cfg: Config) -> None:
     _require(cfg.data.max_length >= 8, "data.max_length",
              f"{cfg.data.max_length} is too small for any prompt and response (>= 8)")
     _require(
@@ -448,8 +467,14 @@ def validate_config(cfg: Config) -> None:
              "data.eval_fraction", "must be in (0, 1) when no data.eval file is given")
     _require(0.0 <= cfg.data.max_invalid_fraction <= 1.0, "data.max_invalid_fraction", "must be in [0, 1]")
     _require(bool(cfg.data.train), "data.train", "must name a file, directory or dataset id")
+
+
+def _validate_model_and_run(cfg: Config) -> None:
     _require(cfg.model.lora.r >= 1, "model.lora.r", "must be >= 1")
     _require(bool(cfg.run_name), "run_name", "must not be empty")
+
+
+def _validate_sweep(cfg: Config) -> None:
     _require(cfg.sweep.num_samples >= 1, "sweep.num_samples", "must be >= 1")
     _require(cfg.sweep.max_concurrent_trials >= 1, "sweep.max_concurrent_trials", "must be >= 1")
     _require(0 < cfg.sweep.beta_min <= cfg.sweep.beta_max, "sweep.beta_min", "needs 0 < beta_min <= beta_max")

@@ -41,6 +41,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dpo_ray.config import REPO_ROOT, Config, build_config, build_settings, derive_config
+from dpo_ray.evaluation import (
+    EvalSettings,
+    compute_preference_accuracy,
+    evaluate_policies,
+    list_checkpoint_models,
+    read_pairs,
+)
+from dpo_ray.generation import GenerationSettings, make_preference_pairs, write_jsonl
+from dpo_ray.sft import run_sft
+from dpo_ray.task import build_sft_rows, check_prompt_answer, parse_prompt, split_problems
+from dpo_ray.tiny_model import make_tiny_model
+from dpo_ray.trainer import SUMMARY_FILE, run_dpo
 
 STAGE_FILE = "stage.json"
 PLOT_FILE = "demo.png"
@@ -142,8 +154,6 @@ def run_stage(name: str, directory: Path, key: dict[str, Any], fn: Callable[[], 
 
 def make_base_model(cfg: Config, demo: DemoSettings, out: Path) -> dict[str, Any]:
     """The tiny random-init model, its tokenizer trained on the task's texts (digits are single tokens)."""
-    from dpo_ray.task import split_problems
-    from dpo_ray.tiny_model import make_tiny_model
 
     splits = split_problems(demo.sft_prompts, demo.pair_prompts, demo.heldout_prompts, demo.task_seed,
                             demo.min_digits, demo.max_digits)
@@ -153,8 +163,6 @@ def make_base_model(cfg: Config, demo: DemoSettings, out: Path) -> dict[str, Any
 
 def write_task_files(demo: DemoSettings, out: Path) -> dict[str, Any]:
     """SFT data (train problems with their solutions) and held-out SFT rows (for the SFT's eval loss)."""
-    from dpo_ray.generation import write_jsonl
-    from dpo_ray.task import build_sft_rows, split_problems
 
     splits = split_problems(demo.sft_prompts, demo.pair_prompts, demo.heldout_prompts, demo.task_seed,
                             demo.min_digits, demo.max_digits)
@@ -212,8 +220,6 @@ def build_pft_config(dpo_cfg: Config, learning_rate: float, out: Path) -> Config
 
 def make_pairs(demo: DemoSettings, sft_model: str, out: Path) -> dict[str, Any]:
     """Self-generated pairs for the pair prompts (DPO's train data) and the held-out prompts (its eval data)."""
-    from dpo_ray.generation import GenerationSettings, make_preference_pairs
-    from dpo_ray.task import split_problems
 
     splits = split_problems(demo.sft_prompts, demo.pair_prompts, demo.heldout_prompts, demo.task_seed,
                             demo.min_digits, demo.max_digits)
@@ -233,14 +239,12 @@ def make_pairs(demo: DemoSettings, sft_model: str, out: Path) -> dict[str, Any]:
 
 def run_dpo_stage(dpo_cfg: Config) -> dict[str, Any]:
     """DPO through :func:`~dpo_ray.trainer.run_dpo`: its summary."""
-    from dpo_ray.trainer import run_dpo
 
     return {"summary": run_dpo(dpo_cfg)}
 
 
 def run_sft_stage(sft_cfg: Config) -> dict[str, Any]:
     """SFT (the reference, or Preferred-FT): the run's summary."""
-    from dpo_ray.sft import run_sft
 
     return {"summary": run_sft(sft_cfg)}
 
@@ -250,7 +254,6 @@ def collect_policies(runs: dict[str, tuple[Config, dict]]) -> dict[str, str]:
 
     ``runs`` maps a name to (the run's Config, its summary).
     """
-    from dpo_ray.evaluation import list_checkpoint_models
 
     policies = {}
     for name, (run_cfg, summary) in runs.items():
@@ -275,8 +278,6 @@ def evaluate_stage(demo: DemoSettings, sft_model: str, policies: dict[str, str],
 
     ``final_steps`` maps each run (``dpo``, ``preferred_ft``, ...) to its last step, for the plot.
     """
-    from dpo_ray.evaluation import EvalSettings, compute_preference_accuracy, evaluate_policies, read_pairs
-    from dpo_ray.task import check_prompt_answer, split_problems
 
     splits = split_problems(demo.sft_prompts, demo.pair_prompts, demo.heldout_prompts, demo.task_seed,
                             demo.min_digits, demo.max_digits)
@@ -300,7 +301,6 @@ def evaluate_stage(demo: DemoSettings, sft_model: str, policies: dict[str, str],
 
 def check_answer_text(prompt: str) -> str:
     """The known solution of a task prompt."""
-    from dpo_ray.task import parse_prompt
 
     return parse_prompt(prompt).answer
 
@@ -396,7 +396,6 @@ def build_demo_summary(dpo_summary: dict, evaluation: dict, stages: dict, plot: 
 
 def run_demo(cfg: Config, demo: DemoSettings) -> dict[str, Any]:
     """Run (or reuse) every stage, print the table, write ``summary.json`` and the plot; returns the summary."""
-    from dpo_ray.trainer import SUMMARY_FILE
 
     start = time.perf_counter()
     out = cfg.resolved_output_dir()

@@ -219,7 +219,7 @@ def test_bad_config_value_is_a_one_line_error_before_ray_starts(override, key, t
 
 
 def test_more_workers_than_the_cluster_has_is_refused_before_workers_start(ray_session, tmp_path, capsys):
-    from dpo_ray.workflow import main_train
+    from dpo_ray.cli import main_train
 
     with pytest.raises(SystemExit) as info:
         main_train(["--set", "scaling.num_workers=16", "--set", f"output_dir={tmp_path}"])
@@ -251,7 +251,7 @@ def bad_rows() -> dict[str, bytes]:
 
 @pytest.mark.parametrize("reason", sorted(bad_rows()))
 def test_each_malformed_input_kind_stops_train_with_file_and_reason(reason, ray_session, tmp_path, tiny_model_dir, capsys):
-    from dpo_ray.workflow import main_train
+    from dpo_ray.cli import main_train
 
     data = tmp_path / f"{reason}.jsonl"
     good = GOOD if reason != "prompt_mismatch" else {
