@@ -2,7 +2,7 @@
 
     python benchmarks/_dpo_ray_worker.py RESULT.json [--ray-init JSON] -- --set key=value ...
 
-Everything after ``--`` goes to ``dpo_ray.workflow.main_train``, the function ``workflows/train.py`` calls,
+Everything after ``--`` goes to ``dpo_ray.cli.main_train``, the function ``workflows/train.py`` calls,
 so the run is the same as the command line a user types. This wrapper only records when each phase ends
 (it wraps the library functions with timers; nothing in the library changes) and writes them, with the
 summary, to RESULT.json. ``--ray-init`` passes extra ``ray.init`` keyword arguments; it exists to measure
@@ -48,10 +48,9 @@ def main(argv: list[str]) -> None:
 
     import ray
 
-    import dpo_ray.cluster
+    import dpo_ray.cli
     import dpo_ray.data.pipeline
     import dpo_ray.trainer
-    import dpo_ray.workflow
 
     MARKS["imports_done"] = time.time()
     if ray_init_kwargs:
@@ -62,7 +61,7 @@ def main(argv: list[str]) -> None:
             return original_init(*args, **{**kwargs, **ray_init_kwargs})
 
         ray.init = init_with_extras
-    timed(dpo_ray.cluster, "init_ray", "ray_init")
+    timed(dpo_ray.cli, "init_ray", "ray_init")  # the name the CLI calls
     timed(dpo_ray.data.pipeline, "prepare_data", "prepare_data")  # read, tokenize, split, reference pass
     timed(dpo_ray.data.pipeline, "prepare_reference_logps", "reference")  # the reference pass alone
     timed(dpo_ray.trainer, "build_trainer", "build_trainer")
@@ -70,7 +69,7 @@ def main(argv: list[str]) -> None:
 
     timed(ray.train.torch.TorchTrainer, "fit", "fit")  # worker group, model load, train, eval, checkpoint
 
-    summary = dpo_ray.workflow.main_train(train_args)
+    summary = dpo_ray.cli.main_train(train_args)
     MARKS["run_done"] = time.time()
     with open(result_file, "w") as f:
         json.dump({"marks": MARKS, "summary": summary}, f, indent=2, default=str)
