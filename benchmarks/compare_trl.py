@@ -264,7 +264,8 @@ class TreeMonitor(threading.Thread):
 
     def _gpu_used(self, pids: set[int]) -> int:
         try:
-            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                                  "--format=csv,noheader,nounits"],
                                  capture_output=True, text=True, timeout=5).stdout
         except (OSError, subprocess.TimeoutExpired):
             return 0
@@ -374,7 +375,8 @@ def save_monitor(out: RunOutput, run_dir: Path) -> None:
     (run_dir / "memory.json").write_text(json.dumps({
         "peak_rss_mb": m.peak_rss / 2**20, "peak_rss_at_s": m.peak_rss_at, "peak_pss_mb": m.peak_pss / 2**20,
         "peak_pss_at_s": m.peak_pss_at, "peak_train_rss_mb": m.peak_train_rss / 2**20, "samples": m.samples,
-        "monitor_cpu_s": m.cpu_seconds, "tree_cpu_s": m.tree_cpu_seconds, "exit_s": out.exit_s, "load": out.load, "load_after": out.load_after,
+        "monitor_cpu_s": m.cpu_seconds, "tree_cpu_s": m.tree_cpu_seconds, "exit_s": out.exit_s, "load": out.load,
+        "load_after": out.load_after,
         "at_peak_mb": sorted(([n, v / 2**20] for n, v in m.peak_rss_breakdown), key=lambda x: -x[1]),
         "per_process_peak_mb": sorted(([f"{pid} {t}", v / 2**20] for pid, (t, v) in m.per_process_peak.items()),
                                       key=lambda x: -x[1]),
@@ -441,7 +443,8 @@ def run_dpo_ray(args, model_path: str, pairs: PairSet, work: Path, gpu: bool) ->
     if args.dpo_ray_init:
         cmd += ["--ray-init", args.dpo_ray_init]
     cmd += ["--"] + [a for kv in dpo_ray_overrides(args, model_path, pairs, run_dir, gpu) for a in ("--set", kv)]
-    load = wait_for_quiet(args.quiet_load, args.quiet_wait, "dpo-ray") if args.quiet_wait > 0 else {"load_at_start": load1()}
+    load = (wait_for_quiet(args.quiet_load, args.quiet_wait, "dpo-ray") if args.quiet_wait > 0
+            else {"load_at_start": load1()})
     out = run_side("dpo-ray", cmd, env, run_dir / "output.log", is_driver if args.workers == 0 else is_ray_train_worker,
                    gpu, args.timeout, load, args.sample_interval)
     save_monitor(out, run_dir)
@@ -495,7 +498,8 @@ def run_trl(args, model_path: str, pairs: PairSet, work: Path, gpu: bool) -> dic
     }
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
     cmd = [PYTHON, str(REPO / "benchmarks" / "_trl_worker.py"), str(run_dir / "spec.json")]
-    load = wait_for_quiet(args.quiet_load, args.quiet_wait, "TRL") if args.quiet_wait > 0 else {"load_at_start": load1()}
+    load = (wait_for_quiet(args.quiet_load, args.quiet_wait, "TRL") if args.quiet_wait > 0
+            else {"load_at_start": load1()})
     out = run_side("TRL", cmd, base_env(run_dir), run_dir / "output.log", is_trl_process, gpu, args.timeout, load,
                    args.sample_interval)
     save_monitor(out, run_dir)
@@ -539,11 +543,13 @@ def model_facts(model_path: str) -> dict:
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     total = L * per_layer + h + V * h * (1 if tied else 2)
     matmul = total - (0 if tied else V * h)
-    return {"params": total, "matmul_params": matmul, "layers": L, "hidden": h, "vocab": V, "heads": cfg.num_attention_heads,
-            "kv_heads": cfg.num_key_value_heads, "intermediate": inter, "tied": tied, "type": cfg.model_type}
+    return {"params": total, "matmul_params": matmul, "layers": L, "hidden": h, "vocab": V,
+            "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads, "intermediate": inter, "tied": tied,
+            "type": cfg.model_type}
 
 
-def print_report(args, sides: list[dict], pairs: PairSet, facts: dict, gpu_peak: float | None, model_label: str) -> dict:
+def print_report(args, sides: list[dict], pairs: PairSet, facts: dict, gpu_peak: float | None,
+                 model_label: str) -> dict:
     trained_pairs = args.steps * args.batch_size
     epoch_frac = trained_pairs / pairs.train_pairs
     tokens = pairs.seq_tokens * epoch_frac
@@ -581,20 +587,22 @@ def print_report(args, sides: list[dict], pairs: PairSet, facts: dict, gpu_peak:
     w = 26
     print()
     print(f"=== dpo-ray vs TRL {_trl_version()} DPOTrainer: {model_label} ===")
-    print(f"pairs: {pairs.train_pairs} train (+{pairs.eval_pairs} eval for dpo-ray's end-of-run evaluation), first usable "
-          f"rows of {HH_DATA.name}; max_length {args.max_length}; longest sequence {pairs.max_seq} tokens; "
+    print(f"pairs: {pairs.train_pairs} train (+{pairs.eval_pairs} eval for dpo-ray's end-of-run evaluation), "
+          f"first usable rows of {HH_DATA.name}; max_length {args.max_length}; "
+          f"longest sequence {pairs.max_seq} tokens; "
           f"mean prompt {pairs.mean_prompt:.0f}, mean response {pairs.mean_response:.0f} tokens")
     print(f"skipped while selecting ({pairs.scanned} rows scanned): {pairs.skipped}")
     print(f"steps {args.steps} x batch {args.batch_size} = {trained_pairs} pairs ({epoch_frac:g} epoch); AdamW, lr "
           f"{args.lr:g} linear decay, no warmup, grad-norm clip 1.0, sigmoid loss, beta 0.1, seed {args.seed}")
     print(f"tokens per epoch: {pairs.seq_tokens:,} = sum of (prompt+chosen) + (prompt+rejected), no padding "
           f"(used for tokens/s of both; a prefix-shared row holds {pairs.shared_tokens:,})")
-    print(f"dpo-ray: {args.workers} worker(s) x {args.cpus_per_worker:g} CPU, micro_batch_size {args.micro_batch_size}, "
+    print(f"dpo-ray: {args.workers} worker(s) x {args.cpus_per_worker:g} CPU, "
+          f"micro_batch_size {args.micro_batch_size}, "
           f"precomputed reference, prefix sharing, length bucketing, response-only logits (library defaults)"
           + (f"; extra --set {list(args.dpo_ray_set)}" if args.dpo_ray_set else ""))
     gc = sides[1]["result"].get("gradient_checkpointing")
-    print(f"TRL: DPOConfig defaults except batch/max_length/max_steps/lr/optim adamw_torch/logging_steps 1/report_to none/"
-          f"{'bf16' if gpu_peak else 'bf16 off'}/seed; reference = second model copy "
+    print("TRL: DPOConfig defaults except batch/max_length/max_steps/lr/optim adamw_torch/logging_steps 1/"
+          f"report_to none/{'bf16' if gpu_peak else 'bf16 off'}/seed; reference = second model copy "
           f"({sides[1]['result'].get('ref_model')}), gradient_checkpointing={gc}"
           + (f"; extra {list(args.trl_set)}" if args.trl_set else ""))
     print()
@@ -607,7 +615,8 @@ def print_report(args, sides: list[dict], pairs: PairSet, facts: dict, gpu_peak:
     print(f"{'':<{w}} {'':>18} {'':>18} {'dpo-ray/TRL':>10}")
     line("whole job, s", f"{d['job_s']:.1f}", f"{t['job_s']:.1f}", d["job_s"] / t["job_s"])
     line("  process exit, s", f"{d['exit_s']:.1f}", f"{t['exit_s']:.1f}", d["exit_s"] / t["exit_s"])
-    line("whole job, pairs/s", f"{d['job_pairs_s']:.2f}", f"{t['job_pairs_s']:.2f}", d["job_pairs_s"] / t["job_pairs_s"])
+    line("whole job, pairs/s", f"{d['job_pairs_s']:.2f}", f"{t['job_pairs_s']:.2f}",
+         d["job_pairs_s"] / t["job_pairs_s"])
     line("whole job, tokens/s", f"{d['job_tokens_s']:,.0f}", f"{t['job_tokens_s']:,.0f}",
          d["job_tokens_s"] / t["job_tokens_s"])
     line("training only, s", f"{d['train_s']:.1f}", f"{t['train_s']:.1f}", d["train_s"] / t["train_s"])
@@ -635,14 +644,16 @@ def print_report(args, sides: list[dict], pairs: PairSet, facts: dict, gpu_peak:
     def span(m, a, b):
         return f"{m[b] - m[a]:6.1f}" if a in m and b in m else "   n/a"
 
-    print(f"  dpo-ray: imports {span(dm, 'process_start', 'imports_done')} | Ray start {span(dm, 'ray_init_start', 'ray_init_done')}"
+    print(f"  dpo-ray: imports {span(dm, 'process_start', 'imports_done')}"
+          f" | Ray start {span(dm, 'ray_init_start', 'ray_init_done')}"
           f" | read+tokenize+split {span(dm, 'prepare_data_start', 'reference_start')}"
           f" | reference pass {span(dm, 'reference_start', 'reference_done')}"
           f" | to Ray datasets {span(dm, 'reference_done', 'prepare_data_done')}"
           f" | trainer.fit {span(dm, 'fit_start', 'fit_done')} (of which training {d['train_s']:.1f})"
           f" | export+summary {span(dm, 'fit_done', 'run_done')} | Ray shutdown+exit {d['exit_s'] - d['job_s']:5.1f}")
     print(f"  TRL:     imports {span(tm, 'process_start', 'imports_done')} | tokenize + load policy and reference "
-          f"{span(tm, 'trainer_init_start', 'trainer_init_done')} | trainer.train {span(tm, 'trainer_init_done', 'train_done')}"
+          f"{span(tm, 'trainer_init_start', 'trainer_init_done')}"
+          f" | trainer.train {span(tm, 'trainer_init_done', 'train_done')}"
           f" (train_runtime {t['train_s']:.1f}) | save_model {span(tm, 'train_done', 'save_done')}"
           f" | exit {t['exit_s'] - t['job_s']:5.1f}")
     print()
@@ -665,15 +676,17 @@ def print_report(args, sides: list[dict], pairs: PairSet, facts: dict, gpu_peak:
     print(f"  {'TRL':<22}" + "".join(f"{v:10.4f}" for v in qt))
     print(f"  last step: dpo-ray {ld[-1]:.4f}   TRL {lt[-1]:.4f}   ({len(ld)} and {len(lt)} logged steps)")
     print()
-    print(f"monitor: {d['samples']} + {t['samples']} samples, {d['monitor_cpu_s'] + t['monitor_cpu_s']:.1f} CPU s in this "
-          "process's sampling thread")
+    print(f"monitor: {d['samples']} + {t['samples']} samples, {d['monitor_cpu_s'] + t['monitor_cpu_s']:.1f} CPU s "
+          "in this process's sampling thread")
     if gpu_peak:
         print(MFU_FORMULA)
     targets = {
         "whole-job throughput >= 2.0x TRL": d["job_pairs_s"] / t["job_pairs_s"] >= 2.0,
         "peak memory (RSS, process tree) <= 0.7x TRL": d["peak_rss"] <= 0.7 * t["peak_rss"],
-        "step-1 losses both ln 2 (|x - ln 2| < 1e-3)": bool(ld and lt and abs(ld[0] - LN2) < 1e-3 and abs(lt[0] - LN2) < 1e-3),
-        "same trajectory (quarter means within 0.05)": bool(qd and qt and max(abs(a - b) for a, b in zip(qd, qt)) < 0.05),
+        "step-1 losses both ln 2 (|x - ln 2| < 1e-3)": bool(ld and lt and abs(ld[0] - LN2) < 1e-3
+                                                            and abs(lt[0] - LN2) < 1e-3),
+        "same trajectory (quarter means within 0.05)": bool(qd and qt
+                                                            and max(abs(a - b) for a, b in zip(qd, qt)) < 0.05),
     }
     print("targets: " + "; ".join(f"{k}: {'MET' if v else 'MISSED'}" for k, v in targets.items()))
     return {"rows": rows, "targets": targets}
@@ -720,12 +733,15 @@ def parse_args(argv=None):
     p.add_argument("--dpo-ray-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra dpo-ray --set override (repeatable); for experiments")
     p.add_argument("--dpo-ray-init", default="", metavar="JSON",
-                   help="extra ray.init kwargs for the dpo-ray run, e.g. '{\"include_dashboard\": false}'; for experiments")
+                   help="extra ray.init kwargs for the dpo-ray run, e.g. '{\"include_dashboard\": false}'; "
+                        "for experiments")
     p.add_argument("--trl-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra DPOConfig argument for TRL (repeatable), e.g. gradient_checkpointing=false; for experiments")
+                   help="extra DPOConfig argument for TRL (repeatable), e.g. gradient_checkpointing=false; "
+                        "for experiments")
     p.add_argument("--only", choices=("both", "dpo-ray", "trl"), default="both")
     p.add_argument("--quiet-load", type=float, default=0.8, help="wait until the 1-min load average is below this")
-    p.add_argument("--quiet-wait", type=float, default=1200, help="wait at most this long (s) before each run; 0: don't")
+    p.add_argument("--quiet-wait", type=float, default=1200,
+                   help="wait at most this long (s) before each run; 0: don't")
     p.add_argument("--sample-interval", type=float, default=0.2, help="seconds between memory samples")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before a side is killed")
     p.add_argument("--gpu", action="store_true", help="Qwen2.5-0.5B/1.5B-shaped models in bf16 on one GPU, with MFU")
@@ -774,8 +790,8 @@ def main(argv=None) -> None:
     for label, model_path in specs:
         facts = model_facts(model_path)
         model_label = (f"{label}-shaped random-init {facts['type']}, {facts['params'] / 1e6:.1f}M parameters "
-                       f"({facts['layers']} layers, hidden {facts['hidden']}, {facts['heads']} heads / {facts['kv_heads']} "
-                       f"KV, MLP {facts['intermediate']}, vocab {facts['vocab']}, "
+                       f"({facts['layers']} layers, hidden {facts['hidden']}, {facts['heads']} heads / "
+                       f"{facts['kv_heads']} KV, MLP {facts['intermediate']}, vocab {facts['vocab']}, "
                        f"{'tied' if facts['tied'] else 'untied'} head)")
         print(f"[bench] model: {model_path}: {model_label}", flush=True)
         pairs = build_pairs(work / label, model_path, rows, args.pairs, args.eval_pairs, args.max_length)
@@ -791,11 +807,13 @@ def main(argv=None) -> None:
         else:
             s = sides[0]
             m = s["run"].monitor
-            print(f"[bench] {s['name']}: job {s['job_s']:.1f} s, exit {s['run'].exit_s:.1f} s, train {s['train_s']:.1f} s, "
+            print(f"[bench] {s['name']}: job {s['job_s']:.1f} s, exit {s['run'].exit_s:.1f} s, "
+                  f"train {s['train_s']:.1f} s, "
                   f"{args.steps * args.batch_size / s['job_s']:.2f} pairs/s whole job, peak RSS tree {mb(m.peak_rss)}, "
                   f"PSS {mb(m.peak_pss)}, training proc. {mb(m.peak_train_rss)}, CPU {m.tree_cpu_seconds:.0f} s; marks "
                   + json.dumps({k: round(v, 1) for k, v in s["marks"].items()}))
-            print(f"[bench] losses: first {s['losses'][:1]}, quarters {[round(x, 4) for x in quarter_means(s['losses'])]}")
+            print(f"[bench] losses: first {s['losses'][:1]}, "
+                  f"quarters {[round(x, 4) for x in quarter_means(s['losses'])]}")
     (work / "last_results.json").write_text(json.dumps(reports, indent=2, default=str))
 
 

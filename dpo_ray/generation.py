@@ -137,7 +137,8 @@ def build_prompt_dataset(prompts: Sequence[str], batch_size: int):
     """A Ray dataset of ``{index, prompt}`` rows, one block per ``batch_size`` prompts (fixed batches)."""
     import ray
 
-    table = pa.table({"index": pa.array(range(len(prompts)), pa.int64()), "prompt": pa.array(list(prompts), pa.string())})
+    table = pa.table({"index": pa.array(range(len(prompts)), pa.int64()),
+                      "prompt": pa.array(list(prompts), pa.string())})
     return ray.data.from_arrow([table.slice(i, batch_size) for i in range(0, len(prompts), batch_size)])
 
 

@@ -119,7 +119,8 @@ def make_tiny_model(output_dir: str | os.PathLike, texts: list[str], settings: T
     return str(out)
 
 
-def make_cached_tiny_model(cache_dir: str | os.PathLike, texts: list[str], settings: TinyModelSettings, seed: int = 0) -> str:
+def make_cached_tiny_model(cache_dir: str | os.PathLike, texts: list[str], settings: TinyModelSettings,
+                           seed: int = 0) -> str:
     """:func:`make_tiny_model` under ``cache_dir/tiny-<fingerprint>``: built once, reused after."""
     key = fingerprint_tiny_model(settings, texts, seed)
     return make_tiny_model(Path(cache_dir) / f"tiny-{key}", texts, settings, seed)

@@ -197,10 +197,12 @@ def test_conversational_rows_are_validated(tokenizer):
 
 def test_the_canonical_prompt_is_the_same_for_every_pair_and_shape_of_one_prompt(tokenizer):
     prompt = "\n\nHuman: Hi\n\nAssistant:"
-    hh = [parse_pair({"chosen": prompt + a, "rejected": prompt + b}, "implicit") for a, b in ((" A", " B"), (" C", " D"))]
+    hh = [parse_pair({"chosen": prompt + a, "rejected": prompt + b}, "implicit")
+          for a, b in ((" A", " B"), (" C", " D"))]
     assert {p.prompt for p in hh} == {prompt}
     assert parse_pair({"prompt": "Q", "chosen": "a", "rejected": "b"}, "explicit").prompt == "Q"
-    user, a, b = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A"}, {"role": "assistant", "content": "B"}
+    user, a, b = ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A"},
+                  {"role": "assistant", "content": "B"})
     shapes = [
         {"prompt": [user], "chosen": [a], "rejected": [b]},
         {"chosen": [user, a], "rejected": [user, b]},
@@ -264,7 +266,8 @@ def test_sources_that_do_not_exist_name_the_path(tmp_path):
 def test_read_preference_texts_from_a_directory(tmp_path):
     (tmp_path / "a.jsonl").write_bytes(to_jsonl(ROWS))
     (tmp_path / "b.parquet").write_bytes(to_parquet([{"chosen": "x", "rejected": "y"}]))
-    assert read_preference_texts(str(tmp_path), limit=10) == [" 3\nfour\nfive", "2020-01-01\na date\nnot a date", "x\ny"]
+    assert read_preference_texts(str(tmp_path), limit=10) == [" 3\nfour\nfive", "2020-01-01\na date\nnot a date",
+                                                              "x\ny"]
     assert len(read_preference_texts(str(tmp_path), limit=2)) == 2
 
 

@@ -40,7 +40,8 @@ def row_ids(dataset) -> list[str]:
 
 def assert_counts_add_up(report: dict) -> None:
     for counts in [*report["sources"].values(), report["total"]]:
-        assert counts["read"] == counts["kept"] + sum(counts["dropped"].values()) == counts["kept"] + counts["dropped_total"]
+        assert (counts["read"] == counts["kept"] + sum(counts["dropped"].values())
+                == counts["kept"] + counts["dropped_total"])
     for src in report["sources"].values():
         assert sum(f["read"] for f in src["files"].values()) == src["read"]
 
@@ -117,14 +118,16 @@ def test_every_invalid_row_is_counted_with_its_row_id(ray_session, tiny_model_di
 def test_directory_of_every_file_kind_with_a_deterministic_split(ray_session, tiny_model_dir, tmp_path):
     folder = tmp_path / "data"
     (folder / "sub").mkdir(parents=True)
-    (folder / "a.jsonl.gz").write_bytes(gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in explicit_rows(0, 10))))
+    (folder / "a.jsonl.gz").write_bytes(gzip.compress(b"".join(json.dumps(r).encode() + b"\n"
+                                                               for r in explicit_rows(0, 10))))
     (folder / "b.json").write_text(json.dumps(explicit_rows(10, 10), indent=2))
     pq.write_table(pa.Table.from_pylist(explicit_rows(20, 10)), folder / "sub" / "c.parquet")
     (folder / "README.md").write_text("not data")
 
     first = prepare_data(build_config(tmp_path / "one", folder, eval_fraction=0.3), tiny_model_dir, None)
     src = first.report["sources"]["train"]
-    assert src["files"] == {name: {"read": 10, "kept": 10, "dropped": 0} for name in ("a.jsonl.gz", "b.json", "sub/c.parquet")}
+    assert src["files"] == {name: {"read": 10, "kept": 10, "dropped": 0}
+                            for name in ("a.jsonl.gz", "b.json", "sub/c.parquet")}
     assert src["ignored_files"] == ["README.md"] and src["format"] == "explicit"
     train_ids, eval_ids = row_ids(first.train), row_ids(first.eval)
     assert {"a.jsonl.gz:1", "b.json#0", "sub/c.parquet#9"} <= set(train_ids + eval_ids)
@@ -145,7 +148,8 @@ def test_local_hf_dataset_with_column_map_and_eval_split(ray_session, tiny_model
     import datasets
 
     def rows(start, count):
-        return [{"question": f"q{i}?", "good": f"yes {i}", "bad": f"no {i}", "id": i} for i in range(start, start + count)]
+        return [{"question": f"q{i}?", "good": f"yes {i}", "bad": f"no {i}", "id": i}
+                for i in range(start, start + count)]
 
     train = rows(0, 12) + [{"question": "q?", "good": None, "bad": "no", "id": 99}]
     datasets.DatasetDict(

@@ -23,7 +23,6 @@ from dpo_ray.losses import (
     sum_by_segment,
 )
 
-
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
@@ -103,7 +102,8 @@ def test_metrics_are_batch_means_over_pairs():
     chosen = torch.tensor([0.3, -0.1, 0.0, 0.2])
     rejected = torch.tensor([0.1, 0.2, 0.0, -0.4])
     # margins = [0.2, -0.3, 0.0, 0.6] -> mean 0.125; accuracy (1 + 0 + 0.5 + 1) / 4 = 0.625; strict 2 / 4.
-    m = compute_preference_metrics(chosen, rejected, torch.tensor([-3.0, -5.0, -1.0, -7.0]), torch.tensor([-4.0, -2.0, -1.0, -8.0]))
+    m = compute_preference_metrics(chosen, rejected, torch.tensor([-3.0, -5.0, -1.0, -7.0]),
+                                   torch.tensor([-4.0, -2.0, -1.0, -8.0]))
     assert m["rewards/chosen"].item() == pytest.approx(0.1)
     assert m["rewards/rejected"].item() == pytest.approx(-0.025)
     assert m["rewards/margins"].item() == pytest.approx(0.125)
@@ -317,7 +317,8 @@ def test_sigmoid_loss_gradient_matches_the_paper_formula():
     w = torch.tensor(w_val, dtype=torch.float64, requires_grad=True)
     A = torch.tensor(a, dtype=torch.float64)
     B = torch.tensor(b, dtype=torch.float64)
-    out = compute_dpo_loss(A @ w, B @ w, torch.tensor(ref_w, dtype=torch.float64), torch.tensor(ref_l, dtype=torch.float64), beta)
+    out = compute_dpo_loss(A @ w, B @ w, torch.tensor(ref_w, dtype=torch.float64),
+                           torch.tensor(ref_l, dtype=torch.float64), beta)
     out.loss.backward()
 
     dot = lambda u, v: sum(x * y for x, y in zip(u, v))  # noqa: E731

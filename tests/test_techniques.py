@@ -65,6 +65,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(model_and_pairs):
         chosen, rejected = scorer(scorer.build_batch(pairs, pad))
         (chosen.sum() - rejected.sum()).backward()
         grads.append([p.grad.clone() for p in lm.parameters()])
-    (lm.activation_checkpointing_disable if hasattr(lm, "activation_checkpointing_disable") else lm.gradient_checkpointing_disable)()
+    (lm.activation_checkpointing_disable if hasattr(lm, "activation_checkpointing_disable")
+     else lm.gradient_checkpointing_disable)()
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -184,7 +184,8 @@ def tokenize_sources(sources: dict[str, DataSource], formats: dict[str, str], cf
         )
         .map_batches(
             label_split, batch_format="pyarrow",
-            fn_kwargs={"seed": cfg.data.split_seed, "eval_fraction": cfg.data.eval_fraction, "by_role": "eval" in sources},
+            fn_kwargs={"seed": cfg.data.split_seed, "eval_fraction": cfg.data.eval_fraction,
+                       "by_role": "eval" in sources},
         )
         .materialize()
     )

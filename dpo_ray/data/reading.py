@@ -148,7 +148,8 @@ def load_hf_dataset(source: DataSource):
         if isinstance(loaded, datasets.DatasetDict):
             if source.split not in loaded:
                 raise DataValidationError(
-                    f"{source.key}: {source.location} has splits {sorted(loaded)}, not '{source.split}' (set data.split)"
+                    f"{source.key}: {source.location} has splits {sorted(loaded)}, not '{source.split}' "
+                    "(set data.split)"
                 )
             return loaded[source.split]
         return loaded
@@ -396,7 +397,8 @@ def build_parsed_table(parsed: list[ParsedRecord], file_name: str, file_index: i
             "file": [file_name] * len(parsed),
             "file_index": [file_index] * len(parsed),
             "position": [p.position for p in parsed],
-            "record": [None if p.record is None else encode_record(apply_column_map(p.record, column_map)) for p in parsed],
+            "record": [None if p.record is None else encode_record(apply_column_map(p.record, column_map))
+                       for p in parsed],
             "drop_reason": [None if p.problem is None else p.problem.value for p in parsed],
             "drop_field": [None] * len(parsed),
         },
@@ -468,7 +470,8 @@ def read_parsed_dataset(source: DataSource, column_map: Mapping[str, str]):
     table = table.append_column("__position", pa.array(range(table.num_rows), pa.int64()))
     slices = [table.slice(i, HF_ROWS_PER_BLOCK) for i in range(0, max(table.num_rows, 1), HF_ROWS_PER_BLOCK)]
     return ray.data.from_arrow(slices).map_batches(
-        parse_hf_batch, batch_format="pyarrow", fn_kwargs={"name": source.display_name(), "column_map": dict(column_map)}
+        parse_hf_batch, batch_format="pyarrow",
+        fn_kwargs={"name": source.display_name(), "column_map": dict(column_map)},
     )
 
 
@@ -480,7 +483,8 @@ def hash_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def fingerprint_files(paths: Iterable[Path], root: Path | None = None, hash_limit: int = CONTENT_HASH_LIMIT) -> list[dict]:
+def fingerprint_files(paths: Iterable[Path], root: Path | None = None,
+                      hash_limit: int = CONTENT_HASH_LIMIT) -> list[dict]:
     """Name (relative to ``root``), size and content hash of each file; mtime instead of the hash for
     files above ``hash_limit`` bytes."""
     prints = []

@@ -152,12 +152,14 @@ def format_counts(counts: Mapping[str, Any]) -> str:
 
 def format_summary(report: Mapping[str, Any]) -> str:
     """A few lines for the console: counts per source, the split and the cache."""
-    lines = [f"data {role}: {src['path']} ({src['format']}): {format_counts(src)}" for role, src in report["sources"].items()]
+    lines = [f"data {role}: {src['path']} ({src['format']}): {format_counts(src)}"
+             for role, src in report["sources"].items()]
     if len(report["sources"]) > 1:
         lines.append(f"data total: {format_counts(report['total'])}")
     split = report.get("split", {})
     if split:
-        lines.append(f"data split: {describe_side(split, 'train')} / {describe_side(split, 'eval')} ({split['method']})")
+        lines.append(f"data split: {describe_side(split, 'train')} / {describe_side(split, 'eval')} "
+                     f"({split['method']})")
         if split.get("shared_prompts"):
             lines.append(f"data split: {split['shared_prompts']} prompts are on both sides (the eval source shares "
                          "them with the train data)")
@@ -172,7 +174,8 @@ def describe_side(split: Mapping[str, Any], name: str) -> str:
 
 def describe_drops(src: Mapping[str, Any], top: int = 3) -> str:
     """The unusable files and the top reasons with example row ids, for an error message."""
-    files = ", ".join(f"{name} ({c['dropped']} of {c['read']} unusable)" for name, c in src["files"].items() if c["dropped"])
+    files = ", ".join(f"{name} ({c['dropped']} of {c['read']} unusable)"
+                      for name, c in src["files"].items() if c["dropped"])
     reasons = "; ".join(
         f"{reason}: {count} (e.g. {', '.join(src['examples'][reason])})"
         for reason, count in list(src["dropped"].items())[:top]

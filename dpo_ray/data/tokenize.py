@@ -72,7 +72,8 @@ def encode_pairs(tokenizer, pairs: Sequence[TextPair]) -> list[TokenizedPair]:
     """Tokenize the prompts and responses of ``pairs`` (batched, no special tokens) and add BOS/EOS."""
     if not pairs:
         return []
-    encoded = [tokenizer([getattr(p, f) for p in pairs], add_special_tokens=False)["input_ids"] for f in TextPair._fields]
+    encoded = [tokenizer([getattr(p, f) for p in pairs], add_special_tokens=False)["input_ids"]
+               for f in TextPair._fields]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     return [
         TokenizedPair(prepend_bos(p, bos), append_eos(c, eos), append_eos(r, eos))
@@ -89,7 +90,8 @@ def keep_prompt_end(prompt_ids: list[int], length: int, bos_id: int | None) -> l
     return prompt_ids[len(prompt_ids) - length :]
 
 
-def truncate_pair(pair: TokenizedPair, max_length: int, max_prompt_length: int, bos_id: int | None = None) -> TokenizedPair:
+def truncate_pair(pair: TokenizedPair, max_length: int, max_prompt_length: int,
+                  bos_id: int | None = None) -> TokenizedPair:
     """Apply the truncation rules of this module's docstring.
 
     Raises:
