@@ -48,7 +48,8 @@ from dpo_ray.evaluation import (
     list_checkpoint_models,
     read_pairs,
 )
-from dpo_ray.generation import GenerationSettings, make_preference_pairs, write_jsonl
+from dpo_ray.generation import GenerationSettings
+from dpo_ray.pairing import make_preference_pairs, write_jsonl
 from dpo_ray.sft import run_sft
 from dpo_ray.task import build_sft_rows, check_prompt_answer, parse_prompt, split_problems
 from dpo_ray.tiny_model import make_tiny_model

@@ -1,14 +1,11 @@
-"""Sampling a model's answers with Ray Data, and turning checked samples into preference pairs.
+"""Sampling a model's answers with Ray Data.
 
 :class:`AnswerSampler` is a Ray Data actor UDF: it loads a causal LM once per actor and, for each batch of
 prompts, runs ``transformers``' ``generate`` (temperature sampling, or greedy) to get several answers per
 prompt. :func:`sample_answers` runs it over a list of prompts with a small actor pool whose actors take a
 fraction of a CPU each (a 1-CPU actor pool can starve a 2-CPU machine, see the Ray notes).
 
-:func:`make_preference_pairs` is the self-generated-pairs step of the demo: the SFT model answers each
-prompt several times, the task's checker marks every answer, the model's wrong answers become ``rejected``
-and verified correct ones ``chosen`` (:func:`dpo_ray.task.build_preference_pairs`). The rows are written as
-explicit-format JSONL ``{prompt, chosen, rejected}``, the same input any user's data would be.
+:mod:`dpo_ray.pairing` turns the sampled answers into preference pairs; this module knows no task.
 
 Prompts are tokenized as the data pipeline tokenizes them (:mod:`dpo_ray.data.tokenize`): no special tokens,
 then BOS in front, so a model sees its prompts the same way in training and in generation.
@@ -16,14 +13,15 @@ then BOS in front, so a model sees its prompts the same way in training and in g
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow as pa
+import ray
 import torch
+
+from dpo_ray.data.tokenize import prepend_bos
+from dpo_ray.modeling import load_causal_lm, load_tokenizer
 
 SAMPLES_COLUMN = "samples"
 
@@ -47,7 +45,6 @@ class GenerationSettings:
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     """Prompt token ids as the DPO data pipeline builds them: the text's tokens with BOS in front."""
-    from dpo_ray.data.tokenize import prepend_bos
 
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     return [prepend_bos(ids, tokenizer.bos_token_id) for ids in encoded]
@@ -94,8 +91,6 @@ def load_generation_model(model_path: str, threads: int = 1):
     """The model (fp32, eval mode) and its tokenizer, for generation in a Ray actor or a test."""
     from transformers.utils import logging as hf_logging
 
-    from dpo_ray.modeling import load_causal_lm, load_tokenizer
-
     hf_logging.disable_progress_bar()  # a bar per loaded model floods the driver's log
     torch.set_num_threads(max(1, threads))
     model = load_causal_lm(model_path, dtype=torch.float32)
@@ -135,7 +130,6 @@ class AnswerSampler:
 
 def build_prompt_dataset(prompts: Sequence[str], batch_size: int):
     """A Ray dataset of ``{index, prompt}`` rows, one block per ``batch_size`` prompts (fixed batches)."""
-    import ray
 
     table = pa.table({"index": pa.array(range(len(prompts)), pa.int64()),
                       "prompt": pa.array(list(prompts), pa.string())})
@@ -160,7 +154,6 @@ def sample_answers(prompts: Sequence[str], model_path: str, settings: Generation
 
     Runs :class:`AnswerSampler` on Ray Data with an actor pool of up to ``settings.num_actors`` actors.
     """
-    import ray
 
     if not prompts:
         return []
@@ -169,47 +162,3 @@ def sample_answers(prompts: Sequence[str], model_path: str, settings: Generation
                        ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, settings.num_actors)),
                        settings.cpus_per_actor)
     return [list(r[SAMPLES_COLUMN]) for r in rows]
-
-
-# ------------------------------------------------------------------------------------ preference pairs
-
-
-def write_jsonl(rows: Sequence[dict], path: str | os.PathLike) -> Path:
-    """Write ``rows`` as JSON lines, atomically (a temporary sibling, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def make_preference_pairs(problems: Sequence, model_path: str, settings: GenerationSettings, path: str | os.PathLike,
-                          max_pairs_per_prompt: int = 2) -> dict:
-    """Sample answers to ``problems`` (:class:`dpo_ray.task.Problem`) with the model, check them, and write
-    the explicit-format pairs to ``path`` (JSONL).
-
-    Returns a report: prompts, pairs, prompts whose chosen is the known solution (no correct sample),
-    prompts the model always answered correctly (no pair), sample accuracy and pass@k.
-    """
-    from dpo_ray.task import build_preference_pairs, check_answer, summarize_samples
-
-    samples = sample_answers([p.prompt for p in problems], model_path, settings)
-    rows = [row for problem, answers in zip(problems, samples)
-            for row in build_preference_pairs(problem, answers, max_pairs_per_prompt)]
-    write_jsonl(rows, path)
-    with_pairs = {r["prompt"] for r in rows}
-    return {
-        "file": str(path),
-        "prompts": len(problems),
-        "pairs": len(rows),
-        "prompts_with_pairs": len(with_pairs),
-        "chosen_from_solution": sum(
-            1 for p, s in zip(problems, samples) if p.prompt in with_pairs and not any(check_answer(p, x) for x in s)
-        ),
-        "always_correct": sum(1 for p, s in zip(problems, samples) if s and all(check_answer(p, x) for x in s)),
-        **summarize_samples(problems, samples),
-        "settings": asdict(settings),
-    }
