@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import copy
 import re
-import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -298,15 +298,6 @@ def test_aws_security_group_allows_only_ssh_from_operator_cidr():
                 assert cidr not in WORLD_CIDRS
 
 
-def test_world_open_rule_detector_is_live():
-    """The ingress-rule helper flags world-open Ray ports and all-port rules, and passes a narrow SSH rule."""
-    world = [{"CidrIp": "0.0.0.0/0"}]
-    assert find_world_open_ports({"IpProtocol": "tcp", "FromPort": 8000, "ToPort": 9000, "IpRanges": world}) == ["8265"]
-    assert find_world_open_ports({"IpProtocol": "-1", "IpRanges": world}) == ["all ports"]
-    narrow = {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "203.0.113.10/32"}]}
-    assert find_world_open_ports(narrow) == []
-
-
 @pytest.mark.parametrize("name", ALL_FILES)
 def test_no_file_opens_anything_to_the_internet(name):
     """No cluster file contains a world-open CIDR at all."""
@@ -429,24 +420,3 @@ def test_every_key_is_commented(name):
     """Each mapping key has a trailing comment or a comment line directly above it."""
     problems = find_uncommented_keys(read_text(name))
     assert not problems, f"{name}: uncommented keys:\n" + "\n".join(problems)
-
-
-def test_comment_checker_is_live():
-    """The checker flags a bare key and skips block-scalar bodies and commented keys."""
-    sample = (
-        "# documented\n"
-        "documented: 1\n"
-        "trailing: 2  # documented inline\n"
-        "bare: 3\n"
-        "# commands\n"
-        "commands:\n"
-        "  # a folded command\n"
-        "  - >-\n"
-        "    echo inside: a block scalar\n"
-        "# text\n"
-        "text: |\n"
-        "  not_a_key: in the block\n"
-        "  - 'quoted # not a comment': x\n"
-        "- item_key: 4\n"
-    )
-    assert find_uncommented_keys(sample) == ["line 4: bare: 3", "line 14: - item_key: 4"]
