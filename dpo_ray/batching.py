@@ -133,3 +133,19 @@ def order_by_length_buckets(lengths: Sequence[int], batch_size: int, generator: 
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     order = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in order]
+
+
+def build_sft_batch(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+                    device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Right-padded rows ``[prompt | response | pad]`` for B ``(prompt_ids, response_ids)`` examples.
+
+    Uses the separate pair layout (:func:`build_separate_batch`, whose first B rows are
+    ``[prompt | chosen]``) and keeps those rows.
+
+    Returns:
+        input_ids [B, T], attention_mask [B, T], loss_mask [B, T] (1 on response tokens), position_ids [B, T];
+        T = the longest row.
+    """
+    full = build_separate_batch([(p, r, r) for p, r in examples], pad_id)
+    n = len(examples)
+    return {k: full[k][:n].to(device) for k in ("input_ids", "attention_mask", "loss_mask", "position_ids")}

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import pyarrow as pa
 import torch
 
+from dpo_ray.batching import build_sft_batch
 from dpo_ray.generation import (
     decode_responses,
     generate_responses,
@@ -99,8 +100,6 @@ def compute_completion_kl(policy, reference, completions: Sequence[tuple[list[in
         [B] fp32: sum over response positions t of sum_v p_t(v) (log p_t(v) - log q_t(v)), where p_t and q_t
         are the two models' next-token distributions given the prompt and response tokens before t.
     """
-    from dpo_ray.sft import build_sft_batch
-
     batch = build_sft_batch(completions, pad_id, policy.device)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     log_p = torch.log_softmax(policy(**inputs).logits[:, :-1].float(), dim=-1)  # [B, T-1, V]

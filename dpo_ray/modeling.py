@@ -1,4 +1,4 @@
-"""Loading models and scoring preference pairs with them.
+"""Loading, building and saving models, and scoring preference pairs and responses with them.
 
 :class:`PairLogProbs` wraps a causal LM so that one ``forward`` returns the summed response
 log-probs of chosen and rejected for a batch of pairs. It is the module that DDP/FSDP wrap, so
@@ -8,12 +8,16 @@ gradient synchronisation hooks see every call.
 from __future__ import annotations
 
 import contextlib
+import copy
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dpo_ray.batching import Pair, build_prefix_sharing_batch, build_separate_batch
+from dpo_ray.config import Config
 from dpo_ray.families import (
     build_prefix_sharing_masks,
     check_logit_head,
@@ -21,8 +25,8 @@ from dpo_ray.families import (
     resolve_logit_transform,
     resolve_prefix_sharing,
 )
-from dpo_ray.losses import compute_token_logps_chunked, sum_by_segment
-from dpo_ray.precision import in_eval_mode
+from dpo_ray.losses import compute_sequence_logps, compute_token_logps_chunked, sum_by_segment
+from dpo_ray.precision import in_eval_mode, prepare_for_training, resolve_config_precision
 
 
 # CPU attention kernels reduce over the padded key length in 16-wide vectors plus a scalar tail, so a pair's
@@ -184,3 +188,117 @@ def score_pairs(
         scorer = PairLogProbs(lm, prefix_sharing=prefix_sharing, chunk_size=chunk_size, response_only=response_only)
         chosen, rejected = scorer(scorer.build_batch(pairs, pad_id, device))
     return chosen.float().cpu(), rejected.float().cpu()
+
+
+def compute_response_nll(lm: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed negative log-likelihood of the response tokens and their count.
+
+    Args:
+        lm: a causal LM (possibly DDP/FSDP-wrapped).
+        batch: from :func:`~dpo_ray.batching.build_sft_batch`: input_ids, attention_mask, loss_mask,
+            position_ids, each [B, T].
+
+    Returns:
+        ([] NLL summed over all response tokens of the batch, [] number of those tokens), fp32.
+    """
+    logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], use_cache=False).logits  # [B, T, V]
+    logps = compute_sequence_logps(logits, batch["input_ids"], batch["loss_mask"])  # [B]
+    tokens = batch["loss_mask"][:, 1:].sum().float()
+    return -logps.sum(), tokens
+
+
+# ------------------------------------------------------------------------------------ training models
+
+
+def attach_lora(cfg: Config, lm: nn.Module, ckpt_dir: Path | None) -> nn.Module:
+    """``lm`` with a trainable LoRA adapter: the checkpoint's when resuming, else a fresh one from ``model.lora``."""
+    from peft import LoraConfig, PeftModel, get_peft_model  # optional dependency, only for LoRA runs
+
+    if ckpt_dir is not None and (ckpt_dir / "adapter").exists():
+        return PeftModel.from_pretrained(lm, str(ckpt_dir / "adapter"), is_trainable=True)
+    lora = cfg.model.lora
+    return get_peft_model(lm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                         target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+
+
+def load_checkpoint_weights(lm: nn.Module, ckpt_dir: Path) -> None:
+    """Load the full-finetune weights of ``ckpt_dir/model`` into ``lm`` (a tied ``lm_head`` may be absent)."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted((ckpt_dir / "model").glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = lm.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k and getattr(lm.config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt_dir} does not match the model: missing {missing}, unexpected {unexpected}")
+
+
+def build_policy(cfg: Config, model_path: str, device: torch.device, ckpt_dir: Path | None):
+    """Policy LM with LoRA and checkpoint weights, ready to train: weights in the run's precision recipe
+    (:func:`~dpo_ray.precision.resolve_config_precision`, the same as the reference's), train mode, dropout
+    off unless ``train.disable_dropout=false``.
+
+    Train mode matters beyond dropout: transformers recomputes activations (``model.gradient_checkpointing``)
+    only in training mode, and ``from_pretrained`` returns the model in eval mode.
+    """
+    lm = load_causal_lm(
+        model_path,
+        dtype=resolve_config_precision(cfg, device).weights_dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    if cfg.model.gradient_checkpointing:
+        enable_activation_checkpointing(lm)
+    if cfg.model.lora.enabled:
+        lm = attach_lora(cfg, lm, ckpt_dir)
+    elif ckpt_dir is not None:
+        load_checkpoint_weights(lm, ckpt_dir)
+    return prepare_for_training(lm.to(device), cfg.train.disable_dropout)
+
+
+def build_reference(cfg: Config, model_path: str, device: torch.device):
+    """A frozen copy of the starting policy for ``dpo.reference=model``: the policy's weights dtype, eval mode."""
+    ref = load_causal_lm(
+        model_path,
+        dtype=resolve_config_precision(cfg, device).weights_dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+        device=device,
+    )
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def gather_model_state(model: nn.Module, cfg: Config) -> dict[str, torch.Tensor] | None:
+    """Full state dict of the LM for saving (all ranks must call this under FSDP); None off rank 0.
+
+    The wrapped module's own prefix (``lm.`` of :class:`PairLogProbs`) is removed.
+    """
+    if cfg.train.strategy == "fsdp" and dist.is_initialized():
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+            state = model.state_dict()
+        state = {k.removeprefix("lm."): v for k, v in state.items()}
+        return state if dist.get_rank() == 0 else None
+    return None
+
+
+def save_policy(lm, tokenizer_path: str, out_dir: Path, cfg: Config, state_dict=None, merge_lora: bool = False) -> None:
+    """The policy as a Hugging Face directory (safetensors) with its tokenizer; LoRA as an adapter or merged."""
+    from transformers import AutoTokenizer
+
+    if cfg.model.lora.enabled:
+        lm.save_pretrained(str(out_dir / "adapter"))
+        if not merge_lora:
+            return
+        merged = copy.deepcopy(lm).merge_and_unload()
+        merged.save_pretrained(str(out_dir / "model"), safe_serialization=True)
+    else:
+        lm.save_pretrained(str(out_dir / "model"), safe_serialization=True, state_dict=state_dict)
+    tok = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
+    tok.save_pretrained(str(out_dir / "model"))

@@ -1,4 +1,6 @@
-"""Driver side of a DPO run: model, data, the Ray Train TorchTrainer, and the summary."""
+"""Driver side of a training run, for any objective (:mod:`dpo_ray.objective`): model, data, the Ray Train
+TorchTrainer running :func:`~dpo_ray.train_loop.train_loop_per_worker`, the exported model and the summary.
+:func:`run_dpo` is DPO's entry point; :func:`dpo_ray.sft.run_sft` prepares SFT data and runs the same way."""
 
 from __future__ import annotations
 
@@ -8,9 +10,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
 from dpo_ray.checkpointing import build_checkpoint_config, copy_model_dir
+from dpo_ray.cluster import check_cluster_resources, release_leaked_placement_groups
 from dpo_ray.config import Config, resolve_data_path
 from dpo_ray.interrupt import GracefulStop
+from dpo_ray.modeling import load_tokenizer
+from dpo_ray.objective import resolve_objective
+from dpo_ray.train_loop import train_loop_per_worker
 
 logger = logging.getLogger("dpo_ray")
 
@@ -68,26 +77,24 @@ def write_resolved_config(cfg: Config) -> Path:
     return path
 
 
-def build_trainer(cfg: Config, datasets: dict[str, Any], model_path: str, pad_id: int, callbacks=None):
-    """A TorchTrainer for ``cfg``; the same run name and storage path resume from the latest checkpoint."""
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from dpo_ray.train_loop import CHECKPOINT_SCORE, train_loop_per_worker
-
+def build_trainer(cfg: Config, datasets: dict[str, Any], model_path: str, pad_id: int, callbacks=None,
+                  objective: str = "dpo"):
+    """A TorchTrainer training ``objective`` (a name in :data:`dpo_ray.objective.OBJECTIVES`) for ``cfg``;
+    the same run name and storage path resume from the latest checkpoint. ``datasets``: train (and eval)."""
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "model_path": model_path, "tokenizer_path": model_path, "pad_id": pad_id},
+        train_loop_config={"cfg": cfg.to_dict(), "objective": objective, "model_path": model_path,
+                           "tokenizer_path": model_path, "pad_id": pad_id, "has_eval": "eval" in datasets},
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
             name=cfg.run_name,
             storage_path=cfg.resolved_storage_path(),
-            checkpoint_config=build_checkpoint_config(cfg, score_attribute=CHECKPOINT_SCORE),
+            checkpoint_config=build_checkpoint_config(cfg, score_attribute=resolve_objective(objective).checkpoint_score),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             callbacks=callbacks,
         ),
@@ -97,9 +104,34 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], model_path: str, pad_id
     )
 
 
-def pad_token_id(model_path: str, cfg: Config) -> int:
-    from dpo_ray.modeling import load_tokenizer
+def start_run(cfg: Config) -> None:
+    """Before any data or model: the resolved config on disk, leaked placement groups freed, resources checked."""
+    write_resolved_config(cfg)
+    release_leaked_placement_groups()
+    check_cluster_resources(cfg)
 
+
+def fit_trainer(cfg: Config, trainer):
+    """Run ``trainer`` with SIGINT/SIGTERM asking for a checkpointed stop: (result, interrupted, exit code)."""
+    with GracefulStop([cfg.run_name]) as stopper:
+        result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    interrupted = bool((result.metrics or {}).get("interrupted")) or stopper.signum is not None
+    return result, interrupted, stopper.exit_code
+
+
+def export_final_model(cfg: Config, result) -> str:
+    """Copy the result checkpoint's model (and LoRA adapter when kept) under ``output_dir``; the model's path."""
+    out = cfg.resolved_output_dir()
+    with result.checkpoint.as_directory() as ckpt:
+        final_dir = str(copy_model_dir(Path(ckpt) / "model", out / "final_model"))
+        if cfg.model.lora.enabled and cfg.model.lora.save_adapter and (Path(ckpt) / "adapter").exists():
+            copy_model_dir(Path(ckpt) / "adapter", out / "final_adapter")
+    return final_dir
+
+
+def pad_token_id(model_path: str, cfg: Config) -> int:
     return int(load_tokenizer(model_path, cfg.model.trust_remote_code).pad_token_id)
 
 
@@ -147,36 +179,22 @@ def run_dpo(cfg: Config, callbacks=None, prepared=None, model_path: str | None =
 
     ``prepared`` and ``model_path`` let a sweep hand in data prepared once for all its trials.
     """
-    from dpo_ray.cluster import check_cluster_resources, release_leaked_placement_groups
+    from dpo_ray.data.pipeline import prepare_data  # the data layer is heavy; a sweep hands in its data
 
     start = time.perf_counter()
-    out = cfg.resolved_output_dir()
-    write_resolved_config(cfg)
-    release_leaked_placement_groups()
-    check_cluster_resources(cfg)
+    start_run(cfg)
     if model_path is None:
         model_path = prepare_model_path(cfg)
     if prepared is None:
-        from dpo_ray.data.pipeline import prepare_data
-
         ref_path = model_path if cfg.dpo.reference == "precomputed" else None
         prepared = prepare_data(cfg, tokenizer_path=model_path, reference_model_path=ref_path)
     trainer = build_trainer(cfg, {"train": prepared.train, "eval": prepared.eval}, model_path,
                             pad_token_id(model_path, cfg), callbacks)
-    with GracefulStop([cfg.run_name]) as stopper:
-        result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    final_dir = ""
-    interrupted = bool((result.metrics or {}).get("interrupted")) or stopper.signum is not None
-    if result.checkpoint is not None and not interrupted:
-        with result.checkpoint.as_directory() as ckpt:
-            final_dir = str(copy_model_dir(Path(ckpt) / "model", out / "final_model"))
-            if cfg.model.lora.enabled and cfg.model.lora.save_adapter and (Path(ckpt) / "adapter").exists():
-                copy_model_dir(Path(ckpt) / "adapter", out / "final_adapter")
+    result, interrupted, exit_code = fit_trainer(cfg, trainer)
+    final_dir = export_final_model(cfg, result) if result.checkpoint is not None and not interrupted else ""
     summary = build_summary(cfg, result.metrics or {}, prepared, final_dir, time.perf_counter() - start,
                             result.checkpoint.path if result.checkpoint else None)
     summary["interrupted"] = interrupted
-    summary["exit_code"] = stopper.exit_code
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    summary["exit_code"] = exit_code
+    (cfg.resolved_output_dir() / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
     return summary

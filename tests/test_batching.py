@@ -329,7 +329,8 @@ def test_length_buckets_are_deterministic_per_seed_and_shuffled_across_seeds():
 
 
 def test_epoch_plan_is_seeded_and_keeps_the_data_order_without_shuffle():
-    from dpo_ray.train_loop import PairRow, plan_epoch
+    from dpo_ray.dpo import PairRow
+    from dpo_ray.epochs import plan_epoch
 
     rows = [PairRow(str(i), [1] * (i % 5 + 1), [2], [3]) for i in range(10)]
     assert plan_epoch(rows, 4, 0, 0, True, shuffle=False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
@@ -343,7 +344,8 @@ def test_epoch_plan_is_seeded_and_keeps_the_data_order_without_shuffle():
 def test_epoch_planner_walks_the_plan_and_moves_the_state_to_the_next_epoch():
     from dpo_ray.checkpointing import TrainState
     from dpo_ray.config import build_config
-    from dpo_ray.train_loop import EpochPlanner, PairRow
+    from dpo_ray.dpo import PairRow
+    from dpo_ray.epochs import EpochPlanner
 
     rows = [PairRow(str(i), [1], [2], [3]) for i in range(5)]
     planner = EpochPlanner(rows, 2, build_config(None, ["train.shuffle=false"]))

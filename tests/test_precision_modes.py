@@ -24,15 +24,10 @@ from dpo_ray.precision import (
     prepare_for_training,
     resolve_precision,
 )
-from dpo_ray.train_loop import (
-    DPOStepper,
-    PairRow,
-    build_policy,
-    clip_gradients,
-    evaluate,
-    plan_epoch,
-    split_micro_batches,
-)
+from dpo_ray.distributed import clip_gradients
+from dpo_ray.dpo import DPOStepper, PairRow, evaluate
+from dpo_ray.epochs import plan_epoch, split_micro_batches
+from dpo_ray.modeling import build_policy
 
 BF16, FP32 = torch.bfloat16, torch.float32
 
