@@ -28,7 +28,6 @@ from dpo_ray.families import (
 from dpo_ray.losses import compute_sequence_logps, compute_token_logps_chunked, sum_by_segment
 from dpo_ray.precision import in_eval_mode, prepare_for_training, resolve_config_precision
 
-
 # CPU attention kernels reduce over the padded key length in 16-wide vectors plus a scalar tail, so a pair's
 # bf16 log-probs changed with its batch's padded length; padding every batch to a multiple of 16 (the widest
 # fp32 vector, AVX-512; AVX2's 8 and NEON's 4 divide it) keeps a pair's positions in full vectors and adds only

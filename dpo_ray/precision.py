@@ -50,7 +50,6 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MIXED_PRECISION = {"bf16": torch.bfloat16}
 

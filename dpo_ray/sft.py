@@ -254,19 +254,3 @@ def run_sft(cfg: Config, model_path: str | None = None) -> dict[str, Any]:
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
     return summary
-
-
-def main_sft(argv: list[str] | None = None) -> dict[str, Any]:
-    """``workflows/sft.py``: parse ``--config`` / ``--set``, start Ray, fine-tune, print where the model is."""
-    from dpo_ray.cli import build_parser, exit_on_input_error, parse_config, print_config
-    from dpo_ray.cluster import init_ray
-
-    _, cfg = parse_config(build_parser("Supervised fine-tuning on the chosen responses of data.train (Ray Train)."), argv)
-    print_config(cfg)
-    init_ray()
-    with exit_on_input_error():
-        summary = run_sft(cfg)
-    for key in ("train_examples", "eval_examples", "steps", "train_loss", "eval_loss", "wall_seconds"):
-        print(f"  {key:16s} {summary[key]}")
-    print(f"[dpo-ray] final model: {summary['final_model_dir']}", flush=True)
-    return summary

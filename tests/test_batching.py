@@ -21,7 +21,6 @@ from dpo_ray.batching import (
 )
 from dpo_ray.modeling import PairLogProbs, build_pair_batch, score_pairs
 
-
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 ARCHS = ["llama", "qwen2"]

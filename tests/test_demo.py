@@ -111,8 +111,8 @@ def test_mini_chain_dpo_improves_task_accuracy_and_reruns_skip_stages(ray_sessio
 
 
 def test_sft_batch_masks_the_prompt_and_the_nll_counts_response_tokens_only(tiny_model_dir):
-    from dpo_ray.generation import load_generation_model
     from dpo_ray.batching import build_sft_batch
+    from dpo_ray.generation import load_generation_model
     from dpo_ray.modeling import compute_response_nll
 
     lm, _ = load_generation_model(tiny_model_dir)

@@ -250,9 +250,9 @@ def test_train_workflow_on_gemma2_reports_eval_logps_that_the_exported_model_rep
 
     from transformers import AutoModelForCausalLM
 
+    from dpo_ray.cli import main_train
     from dpo_ray.config import build_config
     from dpo_ray.data.pipeline import prepare_data
-    from dpo_ray.cli import main_train
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in short_hh_rows[:64]))

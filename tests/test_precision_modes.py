@@ -15,8 +15,11 @@ import torch
 
 from dpo_ray.config import build_config
 from dpo_ray.data.reference import ReferenceScorer, build_reference_key
+from dpo_ray.distributed import clip_gradients
+from dpo_ray.dpo import DPOStepper, PairRow, evaluate
+from dpo_ray.epochs import plan_epoch, split_micro_batches
 from dpo_ray.losses import compute_pair_accuracy
-from dpo_ray.modeling import LENGTH_MULTIPLE, PairLogProbs, load_tokenizer
+from dpo_ray.modeling import LENGTH_MULTIPLE, PairLogProbs, build_policy, load_tokenizer
 from dpo_ray.precision import (
     disable_dropout,
     in_eval_mode,
@@ -24,10 +27,6 @@ from dpo_ray.precision import (
     prepare_for_training,
     resolve_precision,
 )
-from dpo_ray.distributed import clip_gradients
-from dpo_ray.dpo import DPOStepper, PairRow, evaluate
-from dpo_ray.epochs import plan_epoch, split_micro_batches
-from dpo_ray.modeling import build_policy
 
 BF16, FP32 = torch.bfloat16, torch.float32
 

@@ -6,12 +6,12 @@ import logging
 
 import pytest
 import torch
+from test_data_pipeline import build_config, explicit_rows, write_jsonl
 
 from dpo_ray.data import prepare_data
 from dpo_ray.data.pipeline import PUBLIC_COLUMNS
 from dpo_ray.data.reference import REFERENCE_COLUMNS
 from dpo_ray.losses import compute_sequence_logps
-from test_data_pipeline import build_config, explicit_rows, write_jsonl
 
 
 def score_directly(model, prompt_ids, response_ids) -> float:

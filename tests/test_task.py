@@ -22,7 +22,6 @@ from dpo_ray.task import (
     summarize_samples,
 )
 
-
 # ---------------------------------------------------------------------------- generation and splits
 
 
