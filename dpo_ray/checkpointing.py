@@ -66,10 +66,6 @@ def mark_complete(ckpt_dir: Path) -> None:
     (ckpt_dir / COMPLETE_MARKER).write_text("ok\n")
 
 
-def is_complete(ckpt_dir: Path) -> bool:
-    return (Path(ckpt_dir) / COMPLETE_MARKER).exists() and (Path(ckpt_dir) / STATE_FILE).exists()
-
-
 def save_training_state(ckpt_dir: Path, optimizer, scheduler, state: TrainState, metrics: dict[str, Any]) -> None:
     torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
     torch.save(scheduler.state_dict(), ckpt_dir / "scheduler.pt")
@@ -270,3 +266,17 @@ def fetch_checkpoint(filesystem, path: str | None) -> Path | None:
     if isinstance(filesystem, pafs.LocalFileSystem):
         return Path(path)
     return Path(Checkpoint(path=path, filesystem=filesystem).to_directory())
+
+
+def list_checkpoint_models(storage_path: str, run_name: str) -> list[tuple[int, str]]:
+    """(step, local model directory) of each complete checkpoint a run kept, by step (SFT and DPO runs alike)."""
+    import pyarrow.fs as pafs
+
+    filesystem, run_dir = pafs.FileSystem.from_uri(f"{storage_path.rstrip('/')}/{run_name}")
+    found = []
+    for path in list_checkpoint_dirs(filesystem, run_dir):
+        if has_complete_marker(filesystem, path):
+            local = fetch_checkpoint(filesystem, path) / "model"
+            if (local / "config.json").exists():
+                found.append((read_state_json(filesystem, path)["state"]["step"], str(local)))
+    return sorted(found)

@@ -40,12 +40,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from dpo_ray.checkpointing import list_checkpoint_models
 from dpo_ray.config import REPO_ROOT, Config, build_config, build_settings, derive_config
 from dpo_ray.evaluation import (
     EvalSettings,
     compute_preference_accuracy,
     evaluate_policies,
-    list_checkpoint_models,
     read_pairs,
 )
 from dpo_ray.generation import GenerationSettings

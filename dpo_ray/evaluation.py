@@ -156,8 +156,8 @@ class PolicyEvaluator:
         return batch
 
 
-def evaluate_policies(prompts: Sequence[str], policies: dict[str, str], reference_path: str,
-                      settings: EvalSettings, verify: Callable[[str, str], bool]) -> tuple[dict[str, PolicyScores], list[dict]]:
+def evaluate_policies(prompts: Sequence[str], policies: dict[str, str], reference_path: str, settings: EvalSettings,
+                      verify: Callable[[str, str], bool]) -> tuple[dict[str, PolicyScores], list[dict]]:
     """Score the reference and each policy on the held-out ``prompts`` with Ray Data.
 
     Returns:
@@ -215,20 +215,3 @@ def compute_preference_accuracy(policy_path: str, reference_path: str, pairs: Se
         rc, rr = score_pairs(reference, chunk, tok.pad_token_id)
         hits += compute_pair_accuracy((pc - rc) - (pr - rr)).sum().item()
     return hits / max(len(encoded), 1)
-
-
-# ------------------------------------------------------------------------------------ checkpoints
-
-
-def list_checkpoint_models(storage_path: str, run_name: str) -> list[tuple[int, str]]:
-    """(step, model directory) of each complete checkpoint a Ray Train run kept, by step.
-
-    Works for SFT and DPO runs alike (both store ``model/`` and ``state.json`` in a checkpoint).
-    """
-    from dpo_ray.checkpointing import is_complete, load_state
-
-    found = []
-    for ckpt in Path(storage_path, run_name).glob("checkpoint_*"):
-        if is_complete(ckpt) and (ckpt / "model" / "config.json").exists():
-            found.append((load_state(ckpt).step, str(ckpt / "model")))
-    return sorted(found)
