@@ -179,6 +179,20 @@ class DPOOutput:
     rejected_rewards: torch.Tensor  # [B] likewise for y_l, detached
 
 
+def _logratio_gaps(loss_type: LossType, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor,
+                   chosen_token_counts: torch.Tensor | None,
+                   rejected_token_counts: torch.Tensor | None) -> torch.Tensor:
+    """[B] h_w - h_l, of summed log-ratios, or of per-token averaged ones where the loss averages (IPO)."""
+    if not loss_type.averages_per_token:
+        return chosen_logratios - rejected_logratios
+    if chosen_token_counts is None or rejected_token_counts is None:
+        raise ValueError(
+            f"loss_type={loss_type.value!r} averages log-probs per token and needs both "
+            "chosen_token_counts and rejected_token_counts"
+        )
+    return _per_token(chosen_logratios, chosen_token_counts) - _per_token(rejected_logratios, rejected_token_counts)
+
+
 def compute_dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -227,15 +241,7 @@ def compute_dpo_loss(
         )
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    if loss_type.averages_per_token:
-        if chosen_token_counts is None or rejected_token_counts is None:
-            raise ValueError(
-                f"loss_type={loss_type.value!r} averages log-probs per token and needs both "
-                "chosen_token_counts and rejected_token_counts"
-            )
-        gaps = _per_token(chosen_logratios, chosen_token_counts) - _per_token(rejected_logratios, rejected_token_counts)
-    else:
-        gaps = chosen_logratios - rejected_logratios
+    gaps = _logratio_gaps(loss_type, chosen_logratios, rejected_logratios, chosen_token_counts, rejected_token_counts)
     losses = loss_type.per_pair_loss(gaps, beta, label_smoothing)
     loss = losses.mean()
     if rpo_alpha > 0:
