@@ -36,9 +36,10 @@ from dpo_ray.config import (
     build_settings,
 )
 from dpo_ray.data.formats import DataValidationError
+from dpo_ray.ray_compat import forward_sigterm_as_sigint
 from dpo_ray.sft import run_sft
 from dpo_ray.sweep import SUMMARY_FILE as SWEEP_SUMMARY_FILE
-from dpo_ray.sweep import forward_sigterm_as_sigint, run_sweep
+from dpo_ray.sweep import run_sweep
 from dpo_ray.tiny_model import count_saved_parameters, make_tiny_model, read_tokenizer_texts
 from dpo_ray.trainer import SUMMARY_FILE, run_dpo
 

@@ -14,11 +14,12 @@ from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from dpo_ray.checkpointing import build_checkpoint_config, copy_model_dir
-from dpo_ray.cluster import check_cluster_resources, release_leaked_placement_groups
+from dpo_ray.cluster import check_cluster_resources
 from dpo_ray.config import Config, resolve_data_path
 from dpo_ray.interrupt import GracefulStop
 from dpo_ray.modeling import load_tokenizer
 from dpo_ray.objective import resolve_objective
+from dpo_ray.ray_compat import release_leaked_placement_groups
 from dpo_ray.train_loop import train_loop_per_worker
 
 logger = logging.getLogger("dpo_ray")

@@ -21,13 +21,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dpo_ray.cli import main_sweep
 from dpo_ray.config import ConfigError, config_from_dict
-from dpo_ray import sweep as sweep_mod
+from dpo_ray.sweep import preflight, results
+from dpo_ray.sweep import space as sweep_space
 
 REPO = Path(__file__).resolve().parent.parent
 
-BASE_COLUMNS = ["trial_id", "beta", "learning_rate", "eval_accuracy", "eval_loss", "eval_reward_margin", "steps",
-                "status"]
+BASE_COLUMNS = ["trial_id", "dpo.beta", "train.learning_rate", "eval_accuracy", "eval_loss", "eval_reward_margin",
+                "steps", "status"]
 
 
 def build_sweep_dict(model_dir: str, cache_dir: Path, output_dir: Path, **sweep) -> dict:
@@ -66,25 +68,26 @@ def test_param_space_searches_beta_and_lr_log_uniformly_and_grids_extra_keys():
 
     cfg = config_from_dict({"sweep": {"beta_min": 0.01, "beta_max": 0.4, "lr_min": 1e-5, "lr_max": 1e-3,
                                       "extra": {"train.warmup_steps": [0, 5]}}})
-    space = sweep_mod.build_param_space(cfg)
-    assert set(space) == {"dpo.beta", "train.learning_rate", "train.warmup_steps"}
-    beta, lr = space["dpo.beta"], space["train.learning_rate"]
+    space = sweep_space.build_param_space(cfg)
+    assert space.keys() == {"dpo", "train"} and space["train"].keys() == {"learning_rate", "warmup_steps"}
+    assert space["train"]["warmup_steps"] == {"grid_search": [0, 5]}
+    beta, lr = space["dpo"]["beta"], space["train"]["learning_rate"]
     assert isinstance(beta, Float) and (beta.lower, beta.upper) == (0.01, 0.4)
     assert type(beta.get_sampler()).__name__ == "_LogUniform"
     assert (lr.lower, lr.upper) == (1e-5, 1e-3) and type(lr.get_sampler()).__name__ == "_LogUniform"
-    assert space["train.warmup_steps"] == {"grid_search": [0, 5]}
-    assert sweep_mod.count_trials(cfg) == cfg.sweep.num_samples * 2
+    assert sweep_space.count_trials(cfg) == cfg.sweep.num_samples * 2
 
 
 def test_param_space_grids_beta_when_asked():
     cfg = config_from_dict({"sweep": {"beta_search": "grid", "beta_grid": [0.1, 0.3], "num_samples": 2}})
-    assert sweep_mod.build_param_space(cfg)["dpo.beta"] == {"grid_search": [0.1, 0.3]}
-    assert sweep_mod.count_trials(cfg) == 4  # each grid point with 2 sampled learning rates
+    assert sweep_space.build_param_space(cfg)["dpo"]["beta"] == {"grid_search": [0.1, 0.3]}
+    assert sweep_space.count_trials(cfg) == 4  # each grid point with 2 sampled learning rates
 
 
 def test_trial_config_applies_sampled_keys_and_gets_its_own_output_dir(tmp_path):
     base = config_from_dict({"output_dir": str(tmp_path / "sweep"), "storage_path": ""}).to_dict()
-    cfg = sweep_mod.build_trial_config(base, {"dpo.beta": 0.37, "train.learning_rate": 2e-4, "model.lora.r": 4},
+    sampled = {"dpo": {"beta": 0.37}, "train": {"learning_rate": 2e-4}, "model": {"lora": {"r": 4}}}
+    cfg = sweep_space.build_trial_config(base, sampled,
                                        "abc_00001", str(tmp_path / "sweep"), str(tmp_path / "cache"))
     assert cfg.dpo.beta == 0.37 and cfg.train.learning_rate == 2e-4 and cfg.model.lora.r == 4
     assert cfg.run_name == "abc_00001"
@@ -95,12 +98,12 @@ def test_trial_config_applies_sampled_keys_and_gets_its_own_output_dir(tmp_path)
 
 def test_extra_keys_that_change_shared_preparation_or_have_invalid_values_are_rejected():
     with pytest.raises(ConfigError, match="sweep.extra.data.max_length"):
-        sweep_mod.validate_sweep_keys(config_from_dict({"sweep": {"extra": {"data.max_length": [128, 256]}}}))
+        sweep_space.validate_sweep_keys(config_from_dict({"sweep": {"extra": {"data.max_length": [128, 256]}}}))
     with pytest.raises(ConfigError, match="sweep.extra.dpo.reference"):
-        sweep_mod.validate_sweep_keys(config_from_dict({"sweep": {"extra": {"dpo.reference": ["model"]}}}))
+        sweep_space.validate_sweep_keys(config_from_dict({"sweep": {"extra": {"dpo.reference": ["model"]}}}))
     with pytest.raises(ConfigError, match="train.max_grad_norm"):
-        sweep_mod.validate_sweep_keys(config_from_dict({"sweep": {"extra": {"train.max_grad_norm": [1.0, -1.0]}}}))
-    sweep_mod.validate_sweep_keys(config_from_dict({"sweep": {"extra": {"dpo.loss_type": ["sigmoid", "ipo"]}}}))
+        sweep_space.validate_sweep_keys(config_from_dict({"sweep": {"extra": {"train.max_grad_norm": [1.0, -1.0]}}}))
+    sweep_space.validate_sweep_keys(config_from_dict({"sweep": {"extra": {"dpo.loss_type": ["sigmoid", "ipo"]}}}))
 
 
 def test_best_trial_is_the_most_accurate_one_that_finished_training():
@@ -110,33 +113,33 @@ def test_best_trial_is_the_most_accurate_one_that_finished_training():
         {"trial_id": "c", "eval_accuracy": 0.7, "eval_loss": 0.4, "final_model_dir": "/c", "status": "TERMINATED"},
         {"trial_id": "d", "eval_accuracy": None, "eval_loss": None, "final_model_dir": "", "status": "ERROR"},
     ]
-    assert sweep_mod.select_best_row(rows)["trial_id"] == "c"  # a was stopped early; c beats b on loss
-    assert sweep_mod.select_best_row(rows[3:]) is None
+    assert results.select_best_row(rows)["trial_id"] == "c"  # a was stopped early; c beats b on loss
+    assert results.select_best_row(rows[3:]) is None
 
 
 def test_resume_refuses_a_different_config(tmp_path):
     cfg = config_from_dict({"output_dir": str(tmp_path / "sweep")})
     cfg.resolved_output_dir().mkdir(parents=True)
-    (cfg.resolved_output_dir() / sweep_mod.SWEEP_CONFIG_FILE).write_text(cfg.to_yaml())
-    sweep_mod.check_resume_matches(cfg)
+    (cfg.resolved_output_dir() / preflight.SWEEP_CONFIG_FILE).write_text(cfg.to_yaml())
+    preflight.check_resume_matches(cfg)
     changed = config_from_dict({"output_dir": str(tmp_path / "sweep"), "sweep": {"num_samples": 9}})
     with pytest.raises(ConfigError, match="sweep.num_samples"):
-        sweep_mod.check_resume_matches(changed)
+        preflight.check_resume_matches(changed)
 
 
 def test_concurrent_trials_that_could_never_get_workers_are_refused(ray_session):
     # 8 trials x 0.25 CPU would hold both CPUs of the session cluster: no trial's worker could start.
     cfg = config_from_dict({"scaling": {"num_workers": 1}, "sweep": {"num_samples": 8, "max_concurrent_trials": 8}})
     with pytest.raises(ConfigError, match="sweep.max_concurrent_trials"):
-        sweep_mod.check_sweep_resources(cfg)
-    sweep_mod.check_sweep_resources(config_from_dict({"scaling": {"num_workers": 1},
+        preflight.check_sweep_resources(cfg)
+    preflight.check_sweep_resources(config_from_dict({"scaling": {"num_workers": 1},
                                                       "sweep": {"max_concurrent_trials": 2}}))
 
 
 def test_only_live_groups_of_finished_jobs_count_as_leaked():
     from types import SimpleNamespace as Record
 
-    from dpo_ray.cluster import find_leaked_placement_groups
+    from dpo_ray.ray_compat import find_leaked_placement_groups
 
     jobs = [Record(job_id="01000000", status="RUNNING"), Record(job_id="02000000", status="SUCCEEDED"),
             Record(job_id="03000000", status="FAILED")]
@@ -156,7 +159,7 @@ def test_a_group_whose_job_finished_is_released_and_its_cpus_come_back(ray_sessi
     import ray.util.state
     from ray.util.placement_group import placement_group
 
-    from dpo_ray.cluster import release_leaked_placement_groups
+    from dpo_ray.ray_compat import release_leaked_placement_groups
 
     # Earlier tests' actors may still be handing their CPUs back: start from an idle instance, so the
     # only change in free CPUs below is this test's group.
@@ -168,6 +171,8 @@ def test_a_group_whose_job_finished_is_released_and_its_cpus_come_back(ray_sessi
     assert release_leaked_placement_groups() == 0  # this job is running: its group is not touched
     assert ray_session.available_resources().get("CPU", 0.0) == pytest.approx(free - 0.5)
 
+    import dpo_ray.ray_compat
+
     real_list_jobs = ray.util.state.list_jobs
 
     def jobs_with_this_one_finished(*args, **kwargs):
@@ -178,7 +183,7 @@ def test_a_group_whose_job_finished_is_released_and_its_cpus_come_back(ray_sessi
                 record.status = "SUCCEEDED"
         return records
 
-    monkeypatch.setattr(ray.util.state, "list_jobs", jobs_with_this_one_finished)
+    monkeypatch.setattr(dpo_ray.ray_compat, "list_jobs", jobs_with_this_one_finished)
     assert release_leaked_placement_groups() == 1
     assert wait_for_free_cpus(ray_session, free) == pytest.approx(free)
 
@@ -223,11 +228,12 @@ def first_sweep(ray_session, tiny_model_dir, tmp_path_factory) -> dict:
         "second_finished": (second / "summary.json").exists(),
         "first_finished": (first / "summary.json").exists(),
         "first_mtime": (first / "summary.json").stat().st_mtime_ns if (first / "summary.json").exists() else None,
-        "first_result_lines": len((out / "ray_results" / "sweep" / first.name / "result.json").read_text().splitlines()),
+        "first_result_lines": len(
+            (out / "ray_results" / "sweep" / first.name / "result.json").read_text().splitlines()),
     }
     cfg = config_from_dict(yaml.safe_load(config_path.read_text()))
     start = time.perf_counter()
-    summary = sweep_mod.main_sweep(argv)  # the same command, in this process (same cluster)
+    summary = main_sweep(argv)  # the same command, in this process (same cluster)
     return {"cfg": cfg, "summary": summary, "seconds": time.perf_counter() - start, "interrupted": interrupted,
             "free_cpus": wait_for_free_cpus(ray_session, ray_session.cluster_resources()["CPU"])}
 
@@ -270,7 +276,7 @@ def test_sweep_runs_more_trials_than_fit_at_once_and_writes_its_outputs(first_sw
     assert len(finished) == 2 and all(r["final_model_dir"] for r in finished)
     for r in finished:
         assert 0.0 <= float(r["eval_accuracy"]) <= 1.0
-        assert 0.02 <= float(r["beta"]) <= 0.5 and 1e-4 <= float(r["learning_rate"]) <= 3e-3
+        assert 0.02 <= float(r["dpo.beta"]) <= 0.5 and 1e-4 <= float(r["train.learning_rate"]) <= 3e-3
         assert int(r["steps"]) >= 2
 
     best = json.loads((out / "best.json").read_text())
