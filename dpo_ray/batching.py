@@ -30,7 +30,9 @@ def round_up_length(length: int, multiple: int) -> int:
     return -(-length // multiple) * multiple
 
 
-def build_prefix_sharing_batch(pairs: Sequence[Pair], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+def build_prefix_sharing_batch(
+    pairs: Sequence[Pair], pad_id: int, pad_to_multiple_of: int = 1
+) -> dict[str, torch.Tensor]:
     """Pack each pair into one row ``[prompt | chosen | rejected]``.
 
     Returns a dict of tensors (B pairs, L = longest row, rounded up to ``pad_to_multiple_of``):
@@ -85,8 +87,9 @@ def build_prefix_sharing_batch(pairs: Sequence[Pair], pad_id: int, pad_to_multip
     }
 
 
-def build_separate_batch(pairs: Sequence[Pair], pad_id: int, padding_side: str = "right",
-                         pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+def build_separate_batch(
+    pairs: Sequence[Pair], pad_id: int, padding_side: str = "right", pad_to_multiple_of: int = 1
+) -> dict[str, torch.Tensor]:
     """Two rows per pair: rows 0..B-1 are ``[prompt | chosen]``, rows B..2B-1 ``[prompt | rejected]``, padded
     to the longest row rounded up to ``pad_to_multiple_of``.
 
@@ -135,8 +138,9 @@ def order_by_length_buckets(lengths: Sequence[int], batch_size: int, generator: 
     return [batches[i] for i in order]
 
 
-def build_sft_batch(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
-                    device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def build_sft_batch(
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
     """Right-padded rows ``[prompt | response | pad]`` for B ``(prompt_ids, response_ids)`` examples.
 
     Uses the separate pair layout (:func:`build_separate_batch`, whose first B rows are

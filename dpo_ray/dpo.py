@@ -19,7 +19,17 @@ from dpo_ray.modeling import PairLogProbs, build_reference, disabled_adapter
 from dpo_ray.precision import PrecisionRecipe, in_eval_mode, resolve_config_precision
 from dpo_ray.tracking import format_eta
 
-EVAL_KEYS = ("acc", "acc_strict", "loss", "margin", "chosen_reward", "rejected_reward", "logps_chosen", "logps_rejected", "count")
+EVAL_KEYS = (
+    "acc",
+    "acc_strict",
+    "loss",
+    "margin",
+    "chosen_reward",
+    "rejected_reward",
+    "logps_chosen",
+    "logps_rejected",
+    "count",
+)
 
 
 @dataclass
@@ -73,8 +83,13 @@ class DPOStepper:
         self.scorer = scorer  # unwrapped, for eval and adapter-off reference passes
         self.ref_lm = ref_lm
         # built once: a PairLogProbs checks its model's output head when it is made
-        self.ref_scorer = (PairLogProbs(ref_lm, cfg.train.prefix_sharing, cfg.train.logits_chunk_size,
-                                        cfg.train.response_only_logits).eval() if ref_lm is not None else None)
+        self.ref_scorer = (
+            PairLogProbs(
+                ref_lm, cfg.train.prefix_sharing, cfg.train.logits_chunk_size, cfg.train.response_only_logits
+            ).eval()
+            if ref_lm is not None
+            else None
+        )
         self.pad_id = pad_id
         self.device = device
         self.recipe: PrecisionRecipe = resolve_config_precision(cfg, device)
@@ -147,8 +162,9 @@ def summarize_eval_sums(total: dict[str, float]) -> dict[str, float]:
     }
 
 
-def evaluate(stepper: DPOStepper, rows: Sequence[PairRow], micro_batch_size: int,
-             model: torch.nn.Module | None = None) -> dict[str, float]:
+def evaluate(
+    stepper: DPOStepper, rows: Sequence[PairRow], micro_batch_size: int, model: torch.nn.Module | None = None
+) -> dict[str, float]:
     """Held-out metrics over all workers' eval shards; each pair counts exactly once.
 
     Every worker runs the same number of forward passes (shorter shards repeat their last batch with
@@ -183,7 +199,9 @@ class DPOObjective:
 
     def __init__(self, cfg: Config, lm: torch.nn.Module, pad_id: int, device: torch.device):
         self.cfg, self.pad_id, self.device = cfg, pad_id, device
-        self.scorer = PairLogProbs(lm, cfg.train.prefix_sharing, cfg.train.logits_chunk_size, cfg.train.response_only_logits)
+        self.scorer = PairLogProbs(
+            lm, cfg.train.prefix_sharing, cfg.train.logits_chunk_size, cfg.train.response_only_logits
+        )
         self.stepper: DPOStepper | None = None
 
     read_rows = staticmethod(collect_shard_rows)
@@ -201,8 +219,12 @@ class DPOObjective:
         """(loss to backward: the micro-batch's share of the step's mean, [] raw loss, window sums)."""
         out, _, _ = self.stepper.compute(rows)
         margins = out.chosen_rewards - out.rejected_rewards
-        sums = {"loss": out.loss.item() * len(rows), "acc": compute_pair_accuracy(margins).sum().item(),
-                "margin": margins.sum().item(), "count": float(len(rows))}
+        sums = {
+            "loss": out.loss.item() * len(rows),
+            "acc": compute_pair_accuracy(margins).sum().item(),
+            "margin": margins.sum().item(),
+            "count": float(len(rows)),
+        }
         return out.loss * (len(rows) / len(step_rows)), out.loss, sums
 
     def summarize_window(self, total: dict[str, float]) -> dict[str, float]:
@@ -212,15 +234,20 @@ class DPOObjective:
     def evaluate(self, rows: Sequence[PairRow], model: torch.nn.Module) -> dict[str, float]:
         return evaluate(self.stepper, rows, self.cfg.train.micro_batch_size, model=model)
 
-    def format_progress(self, step: int, total: int, train: dict[str, float], rows_per_s: float, eta_s: float,
-                        lr: float) -> str:
-        return (f"step {step}/{total} | loss {train['loss']:.4f} | acc {train['acc']:.3f} | "
-                f"margin {train['margin']:.4f} | {rows_per_s:.1f} pairs/s | ETA {format_eta(eta_s)}")
+    def format_progress(
+        self, step: int, total: int, train: dict[str, float], rows_per_s: float, eta_s: float, lr: float
+    ) -> str:
+        return (
+            f"step {step}/{total} | loss {train['loss']:.4f} | acc {train['acc']:.3f} | "
+            f"margin {train['margin']:.4f} | {rows_per_s:.1f} pairs/s | ETA {format_eta(eta_s)}"
+        )
 
     def train_scalars(self, train: dict[str, float]) -> dict[str, float]:
         return {"train/loss": train["loss"], "train/accuracy": train["acc"], "train/margin": train["margin"]}
 
     def format_eval(self, step: int, metrics: dict) -> str | None:
-        return (f"eval at step {step}: accuracy {metrics['eval_accuracy']:.4f} "
-                f"(strict {metrics['eval_accuracy_strict']:.4f}), loss {metrics['eval_loss']:.4f}, "
-                f"margin {metrics['eval_reward_margin']:.4f}")
+        return (
+            f"eval at step {step}: accuracy {metrics['eval_accuracy']:.4f} "
+            f"(strict {metrics['eval_accuracy_strict']:.4f}), loss {metrics['eval_loss']:.4f}, "
+            f"margin {metrics['eval_reward_margin']:.4f}"
+        )

@@ -108,7 +108,9 @@ class PairLogProbs(nn.Module):
             self.logit_transform = resolve_logit_transform(base.config)
             check_logit_head(base, self.logit_transform)
 
-    def build_batch(self, pairs: Sequence[Pair], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def build_batch(
+        self, pairs: Sequence[Pair], pad_id: int, device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
         """Model inputs for ``pairs`` in the layout this scorer uses, on ``device``, padded to a multiple of
         :data:`LENGTH_MULTIPLE` so that a pair scores the same in any batch (policy and reference passes
         batch pairs differently)."""
@@ -120,8 +122,9 @@ class PairLogProbs(nn.Module):
             return self._forward_prefix_sharing(batch)
         return self._forward_separate(batch)
 
-    def _score_tokens(self, inputs: dict[str, Any], rows: torch.Tensor, pos: torch.Tensor,
-                      targets: torch.Tensor) -> torch.Tensor:
+    def _score_tokens(
+        self, inputs: dict[str, Any], rows: torch.Tensor, pos: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
         """[N] log p(targets[n]) predicted at ``(rows[n], pos[n])`` of the batch ``inputs`` describes."""
         if self.response_only:
             base = unwrap_base_model(self.lm)
@@ -133,8 +136,9 @@ class PairLogProbs(nn.Module):
 
     def _forward_prefix_sharing(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         base = unwrap_base_model(self.lm)
-        mask = build_prefix_sharing_masks(base.config, batch["segment_ids"], batch["position_ids"],
-                                          base.get_input_embeddings().weight.dtype)
+        mask = build_prefix_sharing_masks(
+            base.config, batch["segment_ids"], batch["position_ids"], base.get_input_embeddings().weight.dtype
+        )
         inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
         token_logps = self._score_tokens(inputs, batch["target_batch"], batch["target_pos"], batch["target_ids"])
         seq = sum_by_segment(token_logps, batch["target_seq"], 2 * batch["input_ids"].shape[0])
@@ -150,8 +154,13 @@ class PairLogProbs(nn.Module):
         return logps[:half], logps[half:]
 
 
-def build_pair_batch(pairs: Sequence[Pair], pad_id: int, prefix_sharing: bool, device: torch.device | str = "cpu",
-                     pad_to_multiple_of: int = 1):
+def build_pair_batch(
+    pairs: Sequence[Pair],
+    pad_id: int,
+    prefix_sharing: bool,
+    device: torch.device | str = "cpu",
+    pad_to_multiple_of: int = 1,
+):
     """Model inputs for ``pairs`` in the given layout, on ``device`` (prefer :meth:`PairLogProbs.build_batch`,
     which knows the layout the model allows)."""
     if prefix_sharing:
@@ -200,8 +209,12 @@ def compute_response_nll(lm: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
     Returns:
         ([] NLL summed over all response tokens of the batch, [] number of those tokens), fp32.
     """
-    logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], use_cache=False).logits  # [B, T, V]
+    logits = lm(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).logits  # [B, T, V]
     logps = compute_sequence_logps(logits, batch["input_ids"], batch["loss_mask"])  # [B]
     tokens = batch["loss_mask"][:, 1:].sum().float()
     return -logps.sum(), tokens
@@ -217,8 +230,16 @@ def attach_lora(cfg: Config, lm: nn.Module, ckpt_dir: Path | None) -> nn.Module:
     if ckpt_dir is not None and (ckpt_dir / "adapter").exists():
         return PeftModel.from_pretrained(lm, str(ckpt_dir / "adapter"), is_trainable=True)
     lora = cfg.model.lora
-    return get_peft_model(lm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                         target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    return get_peft_model(
+        lm,
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            task_type="CAUSAL_LM",
+        ),
+    )
 
 
 def load_checkpoint_weights(lm: nn.Module, ckpt_dir: Path) -> None:
@@ -231,7 +252,9 @@ def load_checkpoint_weights(lm: nn.Module, ckpt_dir: Path) -> None:
     missing, unexpected = lm.load_state_dict(state, strict=False)
     tied = {k for k in missing if "lm_head" in k and getattr(lm.config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt_dir} does not match the model: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"checkpoint {ckpt_dir} does not match the model: missing {missing}, unexpected {unexpected}"
+        )
 
 
 def build_policy(cfg: Config, model_path: str, device: torch.device, ckpt_dir: Path | None):
@@ -280,7 +303,9 @@ def gather_model_state(model: nn.Module, cfg: Config) -> dict[str, torch.Tensor]
         from torch.distributed.fsdp import FullStateDictConfig, StateDictType
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+        with FSDP.state_dict_type(
+            model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+        ):
             state = model.state_dict()
         state = {k.removeprefix("lm."): v for k, v in state.items()}
         return state if dist.get_rank() == 0 else None

@@ -20,11 +20,14 @@ def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
 
 def build_scheduler(cfg: Config, optimizer, total_steps: int):
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.train.lr_schedule]
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=max(total_steps, 1))
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=max(total_steps, 1)
+    )
 
 
-def build_optimization(cfg: Config, params: list, total_steps: int,
-                       ckpt_dir: Path | None) -> tuple[torch.optim.Optimizer, Any, TrainState]:
+def build_optimization(
+    cfg: Config, params: list, total_steps: int, ckpt_dir: Path | None
+) -> tuple[torch.optim.Optimizer, Any, TrainState]:
     """Optimizer, LR scheduler and training state, restored from ``ckpt_dir`` when resuming."""
     optimizer = build_optimizer(cfg, params)
     scheduler = build_scheduler(cfg, optimizer, total_steps)

@@ -31,11 +31,11 @@ the same model, so every margin must be exactly 0. That holds only if both passe
   batches than training does, so a pair is padded to other lengths. CPU attention kernels reduce over the
   padded key length in 16-wide vectors plus a scalar tail, so the padded length alone changed bf16 log-probs
   in the last bits (measured: 9 of 64 step-0 margins not 0). :meth:`dpo_ray.modeling.PairLogProbs.build_batch`
-  pads every batch to a multiple of ``dpo_ray.modeling.LENGTH_MULTIPLE``; a pair's real positions then always sit in full vectors and the
-  padding adds exact zeros, so its log-probs no longer depend on the batch it is in (bf16 on CPU: every
-  step-0 margin exactly 0). fp32 matmuls can still split their reductions by shape, so fp32 margins may keep
-  a few ~1e-6 residues; GPU kernels (cuBLAS, attention) pick algorithms by shape, so there the guarantee is
-  "same recipe", not "same bits".
+  pads every batch to a multiple of ``dpo_ray.modeling.LENGTH_MULTIPLE``; a pair's real positions then always sit
+  in full vectors and the padding adds exact zeros, so its log-probs no longer depend on the batch it is in
+  (bf16 on CPU: every step-0 margin exactly 0). fp32 matmuls can still split their reductions by shape, so fp32
+  margins may keep a few ~1e-6 residues; GPU kernels (cuBLAS, attention) pick algorithms by shape, so there the
+  guarantee is "same recipe", not "same bits".
 
 Imports torch only (no Ray, no transformers).
 """
@@ -115,9 +115,7 @@ DROPOUT_ATTRIBUTE = re.compile(r"dropout|pdrop|layerdrop|drop_prob|drop_path")
 def list_dropout_rates(obj: Any) -> dict[str, float]:
     """{attribute: rate} of ``obj``'s own float attributes named like a dropout rate (booleans excluded)."""
     return {
-        name: value
-        for name, value in vars(obj).items()
-        if isinstance(value, float) and DROPOUT_ATTRIBUTE.search(name)
+        name: value for name, value in vars(obj).items() if isinstance(value, float) and DROPOUT_ATTRIBUTE.search(name)
     }
 
 

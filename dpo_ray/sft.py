@@ -16,7 +16,8 @@ an unreadable file, an empty source or more than ``data.max_invalid_fraction`` u
 ``scaling.*`` (Ray Train workers, DDP or FSDP), ``model.*`` (start model, LoRA), ``output_dir`` and ``run_name``.
 
 ``run_sft(cfg)`` writes ``<output_dir>/final_model`` (a Hugging Face directory with the tokenizer),
-``<output_dir>/data_report.json`` and ``<output_dir>/summary.json``. The same ``run_name`` resumes from the latest checkpoint, as for DPO.
+``<output_dir>/data_report.json`` and ``<output_dir>/summary.json``. The same ``run_name`` resumes from the latest
+checkpoint, as for DPO.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def load_cached_tokenizer(tokenizer_path: str, trust_remote_code: bool):
 
 def build_sft_table(batch: pa.Table, tokenized: list, reasons: list, fields: list, role: str) -> pa.Table:
     """:data:`SFT_TOKENIZED_SCHEMA` rows; token columns are null for unusable rows (``tokenized[i]`` None)."""
+
     def column(get):
         return [None if t is None else get(t) for t in tokenized]
 
@@ -90,8 +92,15 @@ def build_sft_table(batch: pa.Table, tokenized: list, reasons: list, fields: lis
     return pa.table(data, schema=SFT_TOKENIZED_SCHEMA)
 
 
-def tokenize_sft_batch(batch: pa.Table, tokenizer_path: str, fmt: str, role: str, max_length: int,
-                       max_prompt_length: int, trust_remote_code: bool = False) -> pa.Table:
+def tokenize_sft_batch(
+    batch: pa.Table,
+    tokenizer_path: str,
+    fmt: str,
+    role: str,
+    max_length: int,
+    max_prompt_length: int,
+    trust_remote_code: bool = False,
+) -> pa.Table:
     """Ray UDF: parsed rows (:data:`dpo_ray.data.reading.PARSED_SCHEMA`) -> :data:`SFT_TOKENIZED_SCHEMA` rows.
 
     Each row is read as format ``fmt`` by :func:`~dpo_ray.data.formats.extract_sft_example` (explicit,
@@ -207,8 +216,13 @@ def prepare_sft_data(cfg: Config, tokenizer_path: str) -> tuple[dict[str, Any], 
     report = {
         "sources": source_reports,
         "total": total_counts(source_reports),
-        "settings": {"format": cfg.data.format, "column_map": cfg.data.column_map, "max_length": cfg.data.max_length,
-                     "max_prompt_length": cfg.max_prompt_length(), "tokenizer": tokenizer_path},
+        "settings": {
+            "format": cfg.data.format,
+            "column_map": cfg.data.column_map,
+            "max_length": cfg.data.max_length,
+            "max_prompt_length": cfg.max_prompt_length(),
+            "tokenizer": tokenizer_path,
+        },
     }
     path = write_report(report, cfg.resolved_output_dir())
     print(format_summary(report) + f"\ndata report: {path}", flush=True)

@@ -61,7 +61,9 @@ def log_metrics(writers, metrics: dict[str, float], step: int) -> None:
                     w.add_scalar(k, v, step)
             w.flush()
         else:
-            w.log_metrics({k.replace("/", "_"): v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+            w.log_metrics(
+                {k.replace("/", "_"): v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step
+            )
 
 
 def close_metric_writers(writers) -> None:

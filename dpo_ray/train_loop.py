@@ -97,7 +97,9 @@ class WorkerLoop:
         self.model_path, self.tokenizer_path = loop_config["model_path"], loop_config["tokenizer_path"]
         self.rank, world, self.device = set_up_worker(cfg)
         objective_cls = resolve_objective(loop_config.get("objective", "dpo"))
-        self.train_rows = objective_cls.read_rows(ray.train.get_dataset_shard(f"train_{self.rank}"))  # cut on the driver
+        self.train_rows = objective_cls.read_rows(
+            ray.train.get_dataset_shard(f"train_{self.rank}")
+        )  # cut on the driver
         has_eval = loop_config.get("has_eval", True)
         self.eval_rows = objective_cls.read_rows(ray.train.get_dataset_shard(f"eval_{self.rank}")) if has_eval else []
         self.rows_per_step, self.total_steps = count_steps(cfg, len(self.train_rows), world)
@@ -151,7 +153,9 @@ class WorkerLoop:
         finite, step_sums = self.accumulate_gradients(step_rows)
         grad_norm = clip_gradients(self.model, self.params, self.cfg.train.max_grad_norm)
         finite = finite and bool(torch.isfinite(grad_norm).item())
-        nonfinite_flag, stop_flag = all_reduce_max_many([0.0 if finite else 1.0, float(self.poller.poll())], self.device)
+        nonfinite_flag, stop_flag = all_reduce_max_many(
+            [0.0 if finite else 1.0, float(self.poller.poll())], self.device
+        )
         self.state.batch_in_epoch += 1
         if nonfinite_flag > 0:
             self.skip_or_raise_nonfinite(step_rows)
@@ -169,7 +173,9 @@ class WorkerLoop:
     def log_progress(self) -> None:
         """Reduce the window's sums over workers into the train metrics; a line and scalars on rank 0."""
         keys = self.objective.window_keys
-        self.last_train = self.objective.summarize_window(dict(zip(keys, all_reduce_sum([self.window[k] for k in keys], self.device))))
+        self.last_train = self.objective.summarize_window(
+            dict(zip(keys, all_reduce_sum([self.window[k] for k in keys], self.device)))
+        )
         self.window = dict.fromkeys(keys, 0.0)
         state = self.state
         state.train_seconds = self.seconds_before + time.perf_counter() - self.segment_start
@@ -178,8 +184,11 @@ class WorkerLoop:
             eta = (self.total_steps - state.step) * state.train_seconds / max(state.step, 1)
             lr = self.scheduler.get_last_lr()[0]
             say(self.objective.format_progress(state.step, self.total_steps, self.last_train, pps, eta, lr))
-            log_metrics(self.writers, {**self.objective.train_scalars(self.last_train), "train/pairs_per_second": pps,
-                                       "train/lr": lr}, state.step)
+            log_metrics(
+                self.writers,
+                {**self.objective.train_scalars(self.last_train), "train/pairs_per_second": pps, "train/lr": lr},
+                state.step,
+            )
 
     def report(self, final: bool, interrupted: bool = False) -> dict[str, Any]:
         """Evaluate, then report the metrics with a checkpoint (the LoRA merged in when ``final``)."""

@@ -87,15 +87,23 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], model_path: str, pad_id
         resources["GPU"] = cfg.scaling.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "objective": objective, "model_path": model_path,
-                           "tokenizer_path": model_path, "pad_id": pad_id, "has_eval": "eval" in datasets},
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "objective": objective,
+            "model_path": model_path,
+            "tokenizer_path": model_path,
+            "pad_id": pad_id,
+            "has_eval": "eval" in datasets,
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
             name=cfg.run_name,
             storage_path=cfg.resolved_storage_path(),
-            checkpoint_config=build_checkpoint_config(cfg, score_attribute=resolve_objective(objective).checkpoint_score),
+            checkpoint_config=build_checkpoint_config(
+                cfg, score_attribute=resolve_objective(objective).checkpoint_score
+            ),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             callbacks=callbacks,
         ),
@@ -156,8 +164,14 @@ SUMMARY_METRICS = (
 )
 
 
-def build_summary(cfg: Config, metrics: dict[str, Any], prepared, final_model_dir: str, wall_seconds: float,
-                  checkpoint_path: str | None) -> dict[str, Any]:
+def build_summary(
+    cfg: Config,
+    metrics: dict[str, Any],
+    prepared,
+    final_model_dir: str,
+    wall_seconds: float,
+    checkpoint_path: str | None,
+) -> dict[str, Any]:
     summary = {k: metrics.get(k) for k in SUMMARY_METRICS}
     summary.update(
         {
@@ -189,12 +203,19 @@ def run_dpo(cfg: Config, callbacks=None, prepared=None, model_path: str | None =
     if prepared is None:
         ref_path = model_path if cfg.dpo.reference == "precomputed" else None
         prepared = prepare_data(cfg, tokenizer_path=model_path, reference_model_path=ref_path)
-    trainer = build_trainer(cfg, {"train": prepared.train, "eval": prepared.eval}, model_path,
-                            pad_token_id(model_path, cfg), callbacks)
+    trainer = build_trainer(
+        cfg, {"train": prepared.train, "eval": prepared.eval}, model_path, pad_token_id(model_path, cfg), callbacks
+    )
     result, interrupted, exit_code = fit_trainer(cfg, trainer)
     final_dir = export_final_model(cfg, result) if result.checkpoint is not None and not interrupted else ""
-    summary = build_summary(cfg, result.metrics or {}, prepared, final_dir, time.perf_counter() - start,
-                            result.checkpoint.path if result.checkpoint else None)
+    summary = build_summary(
+        cfg,
+        result.metrics or {},
+        prepared,
+        final_dir,
+        time.perf_counter() - start,
+        result.checkpoint.path if result.checkpoint else None,
+    )
     summary["interrupted"] = interrupted
     summary["exit_code"] = exit_code
     (cfg.resolved_output_dir() / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))

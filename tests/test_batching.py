@@ -139,9 +139,9 @@ def test_separate_layout_left_padding_equals_right_padding(model_dirs, pairs, sm
     with torch.no_grad():
         right = scorer(build_separate_batch(pairs, pad, padding_side="right"))
         left = scorer(build_separate_batch(pairs, pad, padding_side="left"))
-    for r, l in zip(right, left):
-        assert torch.isfinite(l).all()
-        torch.testing.assert_close(l, r, atol=ATOL, rtol=RTOL)
+    for right_scores, left_scores in zip(right, left):
+        assert torch.isfinite(left_scores).all()
+        torch.testing.assert_close(left_scores, right_scores, atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("prefix_sharing", [True, False])
@@ -203,7 +203,8 @@ def test_gradients_equal_between_layouts(model_dirs, pairs, small_tokenizer, arc
     grads = {}
     for prefix_sharing in (True, False):
         model.zero_grad(set_to_none=True)
-        chosen, rejected = PairLogProbs(model, prefix_sharing=prefix_sharing)(build_pair_batch(pairs, pad, prefix_sharing))
+        scorer = PairLogProbs(model, prefix_sharing=prefix_sharing)
+        chosen, rejected = scorer(build_pair_batch(pairs, pad, prefix_sharing))
         (chosen.sum() - rejected.sum()).backward()
         grads[prefix_sharing] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -256,7 +257,9 @@ def test_prefix_sharing_target_positions_never_point_into_chosen_for_rejected_to
 
 
 @pytest.mark.parametrize(
-    "bad", [[([], [1], [2])], [([1], [], [2])], [([1], [2], [])], []], ids=["empty-prompt", "empty-chosen", "empty-rejected", "no-pairs"]
+    "bad",
+    [[([], [1], [2])], [([1], [], [2])], [([1], [2], [])], []],
+    ids=["empty-prompt", "empty-chosen", "empty-rejected", "no-pairs"],
 )
 def test_prefix_sharing_batch_rejects_empty_parts(bad):
     with pytest.raises(ValueError):

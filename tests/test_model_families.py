@@ -225,10 +225,21 @@ def gemma2_model_dir(tiny_model_dir, tmp_path_factory) -> str:
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     config = AutoConfig.for_model(
-        "gemma2", vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, intermediate_size=128, max_position_embeddings=512, sliding_window=16,
-        final_logit_softcapping=5.0, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id)
+        "gemma2",
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        sliding_window=16,
+        final_logit_softcapping=5.0,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
@@ -243,7 +254,8 @@ def gemma2_model_dir(tiny_model_dir, tmp_path_factory) -> str:
 
 @pytest.mark.slow
 def test_train_workflow_on_gemma2_reports_eval_logps_that_the_exported_model_reproduces(
-        ray_session, gemma2_model_dir, short_hh_rows, tmp_path):
+    ray_session, gemma2_model_dir, short_hh_rows, tmp_path
+):
     """``workflows/train.py --set model.name_or_path=<gemma 2 dir>`` trains; its reported ``eval_logps_chosen`` is
     recomputed from ``final_model/`` with the model's own forward, one unpadded sequence at a time."""
     import json
@@ -256,20 +268,31 @@ def test_train_workflow_on_gemma2_reports_eval_logps_that_the_exported_model_rep
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in short_hh_rows[:64]))
-    overrides = [f"model.name_or_path={gemma2_model_dir}", f"data.train={data}", "data.eval_fraction=0.25",
-                 "data.max_length=256", f"output_dir={tmp_path}/run", f"data.cache_dir={tmp_path}/cache",
-                 "train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=3", "train.learning_rate=0.002",
-                 "scaling.num_workers=0"]
+    overrides = [
+        f"model.name_or_path={gemma2_model_dir}",
+        f"data.train={data}",
+        "data.eval_fraction=0.25",
+        "data.max_length=256",
+        f"output_dir={tmp_path}/run",
+        f"data.cache_dir={tmp_path}/cache",
+        "train.batch_size=8",
+        "train.micro_batch_size=4",
+        "train.max_steps=3",
+        "train.learning_rate=0.002",
+        "scaling.num_workers=0",
+    ]
     summary = main_train([arg for o in overrides for arg in ("--set", o)])
     assert summary["steps"] == 3 and summary["eval_pairs"] > 0
 
     policy = AutoModelForCausalLM.from_pretrained(summary["final_model_dir"], dtype=torch.float32).eval()
     assert policy.config._attn_implementation == "eager"  # "auto" took what Gemma 2 supports
-    prepared = prepare_data(build_config(None, overrides), tokenizer_path=gemma2_model_dir,
-                            reference_model_path=gemma2_model_dir)
+    prepared = prepare_data(
+        build_config(None, overrides), tokenizer_path=gemma2_model_dir, reference_model_path=gemma2_model_dir
+    )
     rows = prepared.eval.take_all()
-    chosen = score_with_own_forward(policy, [(list(r["prompt_ids"]), list(r["chosen_ids"]), list(r["rejected_ids"]))
-                                             for r in rows])[:, 0]
+    chosen = score_with_own_forward(
+        policy, [(list(r["prompt_ids"]), list(r["chosen_ids"]), list(r["rejected_ids"])) for r in rows]
+    )[:, 0]
     assert len(rows) == summary["eval_pairs"]
     assert summary["eval_logps_chosen"] == pytest.approx(chosen.mean().item(), rel=1e-5, abs=1e-4)
 

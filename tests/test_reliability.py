@@ -167,7 +167,8 @@ def poison_row(prepared, row_id: str):
 def test_nonfinite_loss_stops_with_step_and_row_ids(ray_session, workdir, pairs_file, tiny_model_dir):
     from dpo_ray.trainer import run_dpo
 
-    cfg = make_config(workdir, pairs_file, tiny_model_dir, "nan-stop", "scaling.max_failures=0", "scaling.num_workers=0")
+    cfg = make_config(workdir, pairs_file, tiny_model_dir, "nan-stop", "scaling.max_failures=0",
+                      "scaling.num_workers=0")
     prepared = prepare(cfg)
     row_id = prepared.train.take(1)[0]["row_id"]
     with pytest.raises(Exception) as info:
@@ -178,14 +179,24 @@ def test_nonfinite_loss_stops_with_step_and_row_ids(ray_session, workdir, pairs_
 
 
 @pytest.mark.slow
-def test_skip_nonfinite_skips_the_batch_counts_it_and_never_steps_on_nan(ray_session, workdir, pairs_file, tiny_model_dir):
+def test_skip_nonfinite_skips_the_batch_counts_it_and_never_steps_on_nan(
+    ray_session, workdir, pairs_file, tiny_model_dir
+):
     import torch
     from safetensors.torch import load_file
 
     from dpo_ray.trainer import run_dpo
 
-    cfg = make_config(workdir, pairs_file, tiny_model_dir, "nan-skip", "train.skip_nonfinite=true",
-                      "scaling.num_workers=0", "train.max_steps=0", "train.epochs=1")
+    cfg = make_config(
+        workdir,
+        pairs_file,
+        tiny_model_dir,
+        "nan-skip",
+        "train.skip_nonfinite=true",
+        "scaling.num_workers=0",
+        "train.max_steps=0",
+        "train.epochs=1",
+    )
     prepared = prepare(cfg)
     row_id = prepared.train.take(1)[0]["row_id"]
     summary = run_dpo(cfg, prepared=poison_row(prepared, row_id), model_path=tiny_model_dir)
@@ -210,8 +221,12 @@ def test_skip_nonfinite_skips_the_batch_counts_it_and_never_steps_on_nan(ray_ses
     ],
 )
 def test_bad_config_value_is_a_one_line_error_before_ray_starts(override, key, tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "workflows" / "train.py"), "--set", override,
-                           "--set", f"output_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "workflows" / "train.py"), "--set", override, "--set", f"output_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and key in errors[0], proc.stderr[-2000:]
@@ -233,10 +248,12 @@ GOOD = {"prompt": "What is two plus two?", "chosen": " Four.", "rejected": " Fiv
 
 
 def bad_rows() -> dict[str, bytes]:
-    hh_mismatch = json.dumps({
-        "chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant: fine",
-        "rejected": "\n\nHuman: hi\n\nAssistant: go away",
-    })
+    hh_mismatch = json.dumps(
+        {
+            "chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant: fine",
+            "rejected": "\n\nHuman: hi\n\nAssistant: go away",
+        }
+    )
     return {
         "unparseable_line": b'{"prompt": "x", "chosen": ',
         "invalid_utf8": b'{"prompt": "\xff\xfe", "chosen": "a", "rejected": "b"}',
@@ -250,19 +267,35 @@ def bad_rows() -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("reason", sorted(bad_rows()))
-def test_each_malformed_input_kind_stops_train_with_file_and_reason(reason, ray_session, tmp_path, tiny_model_dir, capsys):
+def test_each_malformed_input_kind_stops_train_with_file_and_reason(
+    reason, ray_session, tmp_path, tiny_model_dir, capsys
+):
     from dpo_ray.cli import main_train
 
     data = tmp_path / f"{reason}.jsonl"
-    good = GOOD if reason != "prompt_mismatch" else {
-        "chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: bye"}
+    good = (
+        GOOD
+        if reason != "prompt_mismatch"
+        else {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: bye"}
+    )
     lines = [json.dumps(good).encode()] * 12
     lines.insert(5, bad_rows()[reason])
     data.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(SystemExit) as info:
-        main_train(["--set", f"model.name_or_path={tiny_model_dir}", "--set", f"data.train={data}",
-                    "--set", f"output_dir={tmp_path}/out", "--set", f"data.cache_dir={tmp_path}/cache",
-                    "--set", "data.max_length=64"])
+        main_train(
+            [
+                "--set",
+                f"model.name_or_path={tiny_model_dir}",
+                "--set",
+                f"data.train={data}",
+                "--set",
+                f"output_dir={tmp_path}/out",
+                "--set",
+                f"data.cache_dir={tmp_path}/cache",
+                "--set",
+                "data.max_length=64",
+            ]
+        )
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert data.name in err and reason in err, err[-2000:]

@@ -53,7 +53,10 @@ def test_sft_rows_that_cannot_be_used_name_the_reason_and_field(tokenizer):
     assert reason_of({"prompt": "Q", "chosen": " "}, "explicit") == ("empty_field", "chosen")
     assert reason_of({"chosen": "\n\nHuman: Hi\n\nAssistant: "}, "implicit") == ("empty_field", "chosen")
     assert reason_of({"chosen": "no turns at all"}, "implicit") == ("prompt_mismatch", "chosen")
-    assert reason_of({"chosen": "\n\nHuman: Hi\n\nAssistant: Yo\n\nHuman: Bye"}, "implicit") == ("prompt_mismatch", "chosen")
+    assert reason_of({"chosen": "\n\nHuman: Hi\n\nAssistant: Yo\n\nHuman: Bye"}, "implicit") == (
+        "prompt_mismatch",
+        "chosen",
+    )
     assert reason_of({"chosen": [ANSWER]}, "conversational", tokenizer) == ("missing_field", "prompt")
     assert reason_of({"prompt": [USER], "chosen": "4"}, "conversational", tokenizer) == ("non_string_field", "chosen")
     assert reason_of({"chosen": [USER]}, "conversational", tokenizer) == ("empty_field", "chosen")
@@ -89,7 +92,9 @@ def test_sft_reads_conversations_and_reports_the_rows_it_cannot_use(ray_session,
     from dpo_ray.modeling import load_tokenizer
 
     def conversation(i):
-        return {"chosen": [{"role": "user", "content": f"What is {i}+{i}?"}, {"role": "assistant", "content": str(2 * i)}]}
+        return {
+            "chosen": [{"role": "user", "content": f"What is {i}+{i}?"}, {"role": "assistant", "content": str(2 * i)}]
+        }
 
     rows = [conversation(i) for i in range(20)]
     rows[3] = {"prompt": [USER], "chosen": "4"}  # line 4: a string where messages belong
@@ -99,8 +104,10 @@ def test_sft_reads_conversations_and_reports_the_rows_it_cannot_use(ray_session,
 
     src = report["sources"]["train"]
     assert (src["format"], src["read"], src["kept"]) == ("conversational", 20, 18)
-    assert src["examples"] == {"non_string_field": ["chat.jsonl:4 (field 'chosen')"],
-                               "missing_field": ["chat.jsonl:8 (field 'prompt')"]}
+    assert src["examples"] == {
+        "non_string_field": ["chat.jsonl:4 (field 'chosen')"],
+        "missing_field": ["chat.jsonl:8 (field 'prompt')"],
+    }
     tokenizer = load_tokenizer(tiny_model_dir)
     row = next(r for r in datasets["train"].take_all() if r["row_id"] == "chat.jsonl:3")
     assert tokenizer.decode(row["prompt_ids"]) == "<|bos|><|user|>What is 2+2?<|eos|><|assistant|>"

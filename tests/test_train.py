@@ -75,9 +75,19 @@ def run(cfg):
 
 
 @pytest.mark.slow
-def test_lora_uses_the_adapterless_base_as_reference_and_exports_merged(ray_session, tmp_path, pairs_file, tiny_model_dir):
-    cfg = make_config(tmp_path, pairs_file, tiny_model_dir, "scaling.num_workers=0", "model.lora.enabled=true",
-                      "model.lora.r=4", "dpo.reference=adapter", "train.learning_rate=0.01")
+def test_lora_uses_the_adapterless_base_as_reference_and_exports_merged(
+    ray_session, tmp_path, pairs_file, tiny_model_dir
+):
+    cfg = make_config(
+        tmp_path,
+        pairs_file,
+        tiny_model_dir,
+        "scaling.num_workers=0",
+        "model.lora.enabled=true",
+        "model.lora.r=4",
+        "dpo.reference=adapter",
+        "train.learning_rate=0.01",
+    )
     summary, prepared = run(cfg)
     final = Path(summary["final_model_dir"])
     assert not (final / "adapter_config.json").exists()  # a plain HF model, LoRA merged in
@@ -89,17 +99,35 @@ def test_lora_uses_the_adapterless_base_as_reference_and_exports_merged(ray_sess
 
 @pytest.mark.slow
 def test_reference_modes_give_the_same_run_and_full_finetune_exports_a_model_that_reproduces_it(
-        ray_session, tmp_path, pairs_file, tiny_model_dir):
+    ray_session, tmp_path, pairs_file, tiny_model_dir
+):
     """Full fine-tuning on 2 DDP workers, once with precomputed reference log-probs and once with a frozen
     reference model in each worker: the same run; the exported model reproduces the reported accuracy."""
     results, prepared = {}, None
     for mode in ("precomputed", "model"):
-        cfg = make_config(tmp_path / mode, pairs_file, tiny_model_dir, "scaling.num_workers=2",
-                          f"dpo.reference={mode}", f"run_name=ref-{mode}")
+        cfg = make_config(
+            tmp_path / mode,
+            pairs_file,
+            tiny_model_dir,
+            "scaling.num_workers=2",
+            f"dpo.reference={mode}",
+            f"run_name=ref-{mode}",
+        )
         results[mode], prepared = run(cfg)
         summary = results[mode]
-        for key in ("eval_accuracy", "eval_accuracy_strict", "eval_loss", "eval_reward_margin", "train_pairs",
-                    "eval_pairs", "steps", "pairs_per_second", "wall_seconds", "final_model_dir", "config"):
+        for key in (
+            "eval_accuracy",
+            "eval_accuracy_strict",
+            "eval_loss",
+            "eval_reward_margin",
+            "train_pairs",
+            "eval_pairs",
+            "steps",
+            "pairs_per_second",
+            "wall_seconds",
+            "final_model_dir",
+            "config",
+        ):
             assert key in summary, key
         assert summary["steps"] == 4
         assert summary["eval_pairs"] == prepared.eval_pairs  # every held-out pair counted once across 2 workers
@@ -140,18 +168,39 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_the_same_command_resumes_to_the_same_step(ray_session, tmp_path, pairs_file,
-                                                                           tiny_model_dir):
+def test_sigterm_checkpoints_and_the_same_command_resumes_to_the_same_step(
+    ray_session, tmp_path, pairs_file, tiny_model_dir
+):
     """Stop a run partway with SIGTERM (as Ctrl-C), run the same command again, end at max_steps.
 
     Both commands join the session's cluster through RAY_ADDRESS, as under ``ray job submit``."""
     out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "workflows" / "train.py"),
-           "--set", f"model.name_or_path={tiny_model_dir}", "--set", f"data.train={pairs_file}",
-           "--set", f"output_dir={out}", "--set", f"data.cache_dir={tmp_path.parent}/cache",
-           "--set", "data.eval_fraction=0.25", "--set", "data.max_length=256", "--set", "scaling.num_workers=1",
-           "--set", "train.batch_size=4", "--set", "train.max_steps=200", "--set", "train.eval_every=100",
-           "--set", "train.log_every=1"]
+    cmd = [
+        sys.executable,
+        str(REPO / "workflows" / "train.py"),
+        "--set",
+        f"model.name_or_path={tiny_model_dir}",
+        "--set",
+        f"data.train={pairs_file}",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        f"data.cache_dir={tmp_path.parent}/cache",
+        "--set",
+        "data.eval_fraction=0.25",
+        "--set",
+        "data.max_length=256",
+        "--set",
+        "scaling.num_workers=1",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.max_steps=200",
+        "--set",
+        "train.eval_every=100",
+        "--set",
+        "train.log_every=1",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     log = tmp_path / "first.log"
     with open(log, "w") as f:
