@@ -223,7 +223,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         choices = typing.get_args(tp)
         if isinstance(value, str) and value in choices:
             return value
-        raise ConfigError(f"config key '{key}': must be one of {', '.join(choices)}; got {value!r}")
+        hint = " (YAML reads a bare yes/no/on/off as a boolean: quote it)" if isinstance(value, bool) else ""
+        raise ConfigError(f"config key '{key}': must be one of {', '.join(choices)}; got {value!r}{hint}")
     if origin is list:
         if not isinstance(value, list):
             raise bad
@@ -298,13 +299,20 @@ def parse_override(text: str, root: type | None = None) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
-    if _field_type(root or Config, key.split(".")) is str:
+    if _is_text_field(_field_type(root or Config, key.split("."))):
         return key, raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"config key '{key}': cannot parse {raw!r}: {exc}") from None
     return key, value
+
+
+def _is_text_field(tp: Any) -> bool:
+    """A ``str`` field or a choice of strings: its override is the raw text (YAML would read ``no`` as false)."""
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(choice, str) for choice in typing.get_args(tp))
+    return tp is str
 
 
 def _field_type(cls: type, path: list[str]) -> Any:

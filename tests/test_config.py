@@ -106,6 +106,15 @@ def test_bool_override_accepts_yaml_booleans():
     assert build_config(None, ["train.prefix_sharing=True"]).train.prefix_sharing is True
 
 
+def test_choice_override_keeps_yaml_words_like_no_as_text(tmp_path):
+    # "no" is a choice of train.mixed_precision; YAML alone would turn the bare word into False
+    assert build_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    preset = tmp_path / "bare_no.yaml"
+    preset.write_text("train:\n  mixed_precision: no\n")
+    with pytest.raises(ConfigError, match=r"'train\.mixed_precision'.*got False.*quote it"):
+        build_config(preset)
+
+
 def test_dict_override_as_inline_mapping():
     cfg = build_config(None, ["data.column_map={question: prompt, good: chosen, bad: rejected}"])
     assert cfg.data.column_map == {"question": "prompt", "good": "chosen", "bad": "rejected"}
