@@ -150,9 +150,15 @@ class RayTrainCheckpoints:
 
         if ray.train.get_context().get_world_rank() == 0:
             staging = make_staging_dir()
-            write_fn(staging)
-            mark_complete(staging)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(staging)))
+            try:
+                write_fn(staging)
+                mark_complete(staging)
+                # Ray 2.60's synchronous upload keeps the local copy unless told: without this every checkpoint
+                # (a whole model) stays behind in the temp dir for as long as the machine lives.
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(staging)),
+                                 delete_local_checkpoint_after_upload=True)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         else:
             ray.train.report(metrics, checkpoint=None)
 

@@ -108,3 +108,24 @@ def test_a_failed_write_leaves_no_checkpoint_and_no_staging_dir(tmp_path, report
         store.report({"step": 1}, broken)
     assert store.find_latest() is None and not reported
     assert staged and not staged[0].exists()
+
+
+def test_a_ray_train_checkpoint_leaves_no_staging_copy_behind(monkeypatch):
+    """Ray's synchronous upload keeps the local directory unless asked; a whole model per checkpoint would pile up."""
+    import ray.train
+
+    import dpo_ray.checkpointing as ckpt
+
+    staged, calls = [], []
+    real = ckpt.make_staging_dir
+    monkeypatch.setattr(ckpt, "make_staging_dir", lambda: staged.append(real()) or staged[-1])
+    monkeypatch.setattr(ray.train, "get_context", lambda: type("Ctx", (), {"get_world_rank": lambda self: 0})())
+
+    def report(metrics, checkpoint=None, **options):
+        assert (Path(checkpoint.path) / COMPLETE_MARKER).exists()  # complete when Ray copies it
+        calls.append(options)
+
+    monkeypatch.setattr(ray.train, "report", report)
+    ckpt.RayTrainCheckpoints().report({"step": 1}, write_fake_checkpoint(1, 0.5))
+    assert calls == [{"delete_local_checkpoint_after_upload": True}]
+    assert staged and not staged[0].exists()
