@@ -103,6 +103,9 @@ def start_head(config_path: Path, port: int, temp_dir: Path) -> None:
     ]
     env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     env.pop("RAY_ADDRESS", None)
+    # With RAY_AUTH_MODE=token set (see main), `ray start` refuses to make the token itself; on a fresh
+    # machine no earlier Ray instance has written ~/.ray/auth_token yet.
+    subprocess.check_call([str(ray_cli), "get-auth-token", "--generate"], env=env, stdout=subprocess.DEVNULL)
     subprocess.check_call(cmd, env=env, stdout=sys.stderr)
 
 
