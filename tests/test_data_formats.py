@@ -14,6 +14,7 @@ from dpo_ray.data.formats import (
     DataValidationError,
     DropReason,
     InvalidRow,
+    PromptRule,
     TextPair,
     apply_column_map,
     choose_format,
@@ -21,10 +22,11 @@ from dpo_ray.data.formats import (
     list_source_columns,
     normalize_implicit,
     parse_pair,
+    split_common_prefix,
     split_implicit_prompt,
 )
 from dpo_ray.data.reading import parse_file_bytes, read_preference_texts, resolve_source
-from dpo_ray.data.report import check_sources, describe_example
+from dpo_ray.data.report import build_source_report, check_sources, describe_example, format_summary, summarize_batch
 from dpo_ray.data.tokenize import TokenizedPair, encode_pairs, truncate_pair
 
 ROWS = [
@@ -144,18 +146,74 @@ def test_implicit_rows_differing_before_the_last_turn_are_a_prompt_mismatch():
     chosen = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Bye\n\nAssistant: Bye!"
     rejected = "\n\nHuman: Hi\n\nAssistant: Go away"
     assert reason_of({"chosen": chosen, "rejected": rejected}, "implicit") == ("prompt_mismatch", "chosen")
-    assert reason_of({"chosen": "no turns", "rejected": "at all"}, "implicit") == ("prompt_mismatch", "chosen")
+    assert reason_of({"chosen": "\n\nHuman: Hi\n\nAssistant: Yo", "rejected": "Yo"}, "implicit") == (
+        "prompt_mismatch", "chosen")  # one text has an HH turn: HH's rule, not the common prefix
     empty = {"chosen": "\n\nHuman: Hi\n\nAssistant: ", "rejected": "\n\nHuman: Hi\n\nAssistant: Yo"}
     assert reason_of(empty, "implicit") == ("empty_field", "chosen")
 
 
+QA = "Question: What is the capital of France?\nAnswer:"
+
+
+def test_trl_standard_implicit_rows_split_at_the_common_prefix_less_the_space():
+    parsed = parse_pair({"chosen": QA + " Paris", "rejected": QA + " Rome"}, "implicit")
+    assert parsed == (TextPair(QA, " Paris", " Rome"), QA, PromptRule.COMMON_PREFIX)
+    # TRL's own documented example; only a space moves to the responses, a newline stays in the prompt.
+    assert split_common_prefix("The sky is blue.", "The sky is green.") == TextPair("The sky is", " blue.", " green.")
+    assert split_common_prefix("Q:\nParis", "Q:\nRome") == TextPair("Q:\n", "Paris", "Rome")
+    # As in TRL, a difference inside a word splits the word.
+    assert split_common_prefix("The sky is blue.", "The sky is black.") == TextPair("The sky is bl", "ue.", "ack.")
+
+
+def test_hh_rows_keep_their_rule_and_whole_answers():
+    prompt = "\n\nHuman: Capital of France?\n\nAssistant:"
+    parsed = parse_pair({"chosen": prompt + " I think Paris", "rejected": prompt + " I think Rome"}, "implicit")
+    assert parsed == (TextPair(prompt, " I think Paris", " I think Rome"), prompt, PromptRule.HH_ASSISTANT_TURN)
+
+
+@pytest.mark.parametrize(
+    "chosen, rejected, reason, field",
+    [
+        (QA + " Paris", QA + " Paris", "chosen_equals_rejected", None),
+        ("Paris", "Rome", "no_shared_prompt", None),
+        (" Paris", " Rome", "no_shared_prompt", None),  # the shared space moves to the responses: no prompt left
+        ("\n Paris", "\n Rome", "no_shared_prompt", None),  # a blank prompt is none
+        (QA + " Paris", QA + " Paris, of course", "response_is_prefix", "chosen"),
+        (QA + " Paris, of course", QA + " Paris", "response_is_prefix", "rejected"),
+        (QA + " Paris", QA + "  ", "empty_field", "rejected"),
+    ],
+)
+def test_common_prefix_rows_without_a_usable_split_are_dropped_by_name(chosen, rejected, reason, field):
+    assert reason_of({"chosen": chosen, "rejected": rejected}, "implicit") == (reason, field)
+
+
+def test_the_report_counts_the_prompt_rules_of_each_source():
+    from dpo_ray.data.reading import DataSource
+
+    rows = [("common_prefix", None), ("common_prefix", None), ("hh_assistant_turn", None), (None, "no_shared_prompt")]
+    batch = pa.table({
+        "role": ["train"] * 4, "file": ["qa.jsonl"] * 4, "file_index": [0] * 4, "position": [1, 2, 3, 4],
+        "row_id": [f"qa.jsonl:{i}" for i in range(1, 5)], "drop_reason": [r for _, r in rows],
+        "drop_field": [None] * 4, "truncated": [False, False, False, None], "split": ["train"] * 3 + [None],
+        "prompt_rule": [rule for rule, _ in rows],
+    })
+    source = DataSource(key="data.train", spec="/tmp/qa.jsonl", kind="files", location="/tmp/qa.jsonl", split="")
+    src = build_source_report(source, "implicit", summarize_batch(batch).to_pylist(), {})
+    assert src["prompt_rules"] == {"common_prefix": 2, "hh_assistant_turn": 1}
+    assert (src["kept"], src["dropped"], src["examples"]) == (3, {"no_shared_prompt": 1},
+                                                               {"no_shared_prompt": ["qa.jsonl:4"]})
+    line = format_summary({"sources": {"train": src}})
+    assert line.startswith("data train: /tmp/qa.jsonl (implicit; prompt split by common_prefix 2, hh_assistant_turn 1)")
+
+
 def test_bundled_hh_quirks(hh_rows):
-    problems = {}
+    problems, rules = {}, set()
     for i, row in enumerate(hh_rows):
         try:
-            normalize_implicit(row)
+            rules.add(normalize_implicit(row)[1])
         except InvalidRow as err:
             problems[i] = (err.reason.value, err.field)
+    assert rules == {PromptRule.HH_ASSISTANT_TURN}  # every bundled HH row still splits by HH's rule
     assert problems == {
         86: ("empty_field", "chosen"), 516: ("empty_field", "chosen"), 925: ("empty_field", "chosen"),
         1103: ("empty_field", "chosen"), 1254: ("prompt_mismatch", "chosen"), 1688: ("prompt_mismatch", "chosen"),
@@ -174,6 +232,8 @@ def test_conversational_rows_render_with_the_chat_template(tokenizer):
     ]
     for record in shapes:
         assert extract_text_pair(record, "conversational", tokenizer) == expected
+    rules = [parse_pair(record, "conversational", tokenizer).rule for record in shapes]
+    assert rules == [PromptRule.GIVEN, PromptRule.SHARED_MESSAGES, PromptRule.GIVEN]
 
 
 def test_conversational_rows_are_validated(tokenizer):

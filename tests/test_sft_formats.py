@@ -42,6 +42,9 @@ def test_sft_rows_of_every_format_need_no_rejected(tokenizer):
     dialogue = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Sing\n\nAssistant: La la. Human: again?"
     assert extract_sft_example({"chosen": dialogue}, "implicit") == TextExample(
         "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Sing\n\nAssistant:", " La la. Human: again?")
+    qa = "Question: What is the capital of France?\nAnswer:"  # TRL's standard implicit rows: the prompt as DPO's
+    assert extract_sft_example({"chosen": qa + " Paris", "rejected": qa + " Rome"}, "implicit") == TextExample(
+        qa, " Paris")
     expected = TextExample("<|user|>What is 2+2?<|eos|><|assistant|>", "4<|eos|>")
     for record in ({"prompt": [USER], "chosen": [ANSWER]}, {"chosen": [USER, ANSWER]},
                    {"prompt": USER["content"], "chosen": [USER, ANSWER], "rejected": "ignored"}):
@@ -52,7 +55,9 @@ def test_sft_rows_that_cannot_be_used_name_the_reason_and_field(tokenizer):
     assert reason_of({"chosen": "A"}, "explicit") == ("missing_field", "prompt")
     assert reason_of({"prompt": "Q", "chosen": " "}, "explicit") == ("empty_field", "chosen")
     assert reason_of({"chosen": "\n\nHuman: Hi\n\nAssistant: "}, "implicit") == ("empty_field", "chosen")
-    assert reason_of({"chosen": "no turns at all"}, "implicit") == ("prompt_mismatch", "chosen")
+    # Without an HH turn the prompt is the common prefix with rejected, so rejected is needed.
+    assert reason_of({"chosen": "no turns at all"}, "implicit") == ("missing_field", "rejected")
+    assert reason_of({"chosen": "Q: A", "rejected": "Q: A, B"}, "implicit") == ("response_is_prefix", "chosen")
     assert reason_of({"chosen": "\n\nHuman: Hi\n\nAssistant: Yo\n\nHuman: Bye"}, "implicit") == (
         "prompt_mismatch",
         "chosen",

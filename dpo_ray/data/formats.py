@@ -4,18 +4,22 @@ Pure Python (no Ray, no pyarrow). A *record* is one parsed row as a dict, after 
 Three formats turn a record into a :class:`TextPair` (prompt text, chosen response, rejected response):
 
 * **explicit**: ``prompt``, ``chosen`` and ``rejected`` are strings.
-* **implicit** (Anthropic HH-RLHF): ``chosen`` and ``rejected`` are whole dialogues; the prompt is their
-  common part up to and including the last ``"\\n\\nAssistant:"`` in it.
+* **implicit**: ``chosen`` and ``rejected`` are whole texts that share the prompt. Rows holding an
+  ``"\\n\\nAssistant:"`` turn (Anthropic HH-RLHF) are split after the last one of their common part
+  (rule ``hh_assistant_turn``); any other row is split as TRL's ``extract_prompt`` splits it: the prompt
+  is the common prefix, less the space right before the first difference (rule ``common_prefix``).
 * **conversational**: ``chosen`` and ``rejected`` (and an optional ``prompt``) are lists of
   ``{role, content}`` messages, rendered with the tokenizer's chat template.
 
 A row that cannot be used raises :class:`InvalidRow` with a :class:`DropReason` and the field at fault;
-the pipeline counts it in the data report instead of training on it.
+the pipeline counts it in the data report instead of training on it. Every usable row also names the
+:class:`PromptRule` that found its prompt, which the data report counts per source.
 
 :func:`parse_pair` also returns the row's *canonical prompt* (:func:`canonical_prompt`), the text the
 held-out split hashes so that every pair of one prompt lands on the same side. SFT reads the same three
 formats with :func:`extract_sft_example`: only the prompt and the ``chosen`` response are needed there
-(``rejected`` is ignored and may be absent).
+(``rejected`` is ignored and may be absent, except for an implicit row without an HH turn: its prompt is
+the common prefix with ``rejected``).
 """
 
 from __future__ import annotations
@@ -47,9 +51,20 @@ class DropReason(str, enum.Enum):
     NON_STRING_FIELD = "non_string_field"
     CHOSEN_EQUALS_REJECTED = "chosen_equals_rejected"
     PROMPT_MISMATCH = "prompt_mismatch"
+    NO_SHARED_PROMPT = "no_shared_prompt"  # implicit, common-prefix rule: the two texts share no prompt
+    RESPONSE_IS_PREFIX = "response_is_prefix"  # implicit, common-prefix rule: nothing left of one response
     PROMPT_TOO_LONG = "prompt_too_long"
     INVALID_UTF8 = "invalid_utf8"
     UNREADABLE_FILE = "unreadable_file"  # a whole file (one row in the report, named by the file)
+
+
+class PromptRule(str, enum.Enum):
+    """How a usable row's prompt was found; the values are the names the data report counts them by."""
+
+    GIVEN = "given"  # a ``prompt`` field (explicit rows, conversational rows with a prompt)
+    HH_ASSISTANT_TURN = "hh_assistant_turn"  # implicit: up to the last "\n\nAssistant:" of the common part
+    COMMON_PREFIX = "common_prefix"  # implicit: TRL's rule, the common prefix (less the space before the cut)
+    SHARED_MESSAGES = "shared_messages"  # conversational without a prompt: the messages both start with
 
 
 class InvalidRow(Exception):
@@ -78,10 +93,12 @@ class MessagePair(NamedTuple):
 
 
 class ParsedPair(NamedTuple):
-    """A validated preference row: its texts and its canonical prompt (see :func:`canonical_prompt`)."""
+    """A validated preference row: its texts, its canonical prompt (see :func:`canonical_prompt`) and the
+    rule that found the prompt."""
 
     texts: TextPair
     prompt: str
+    rule: PromptRule
 
 
 class TextExample(NamedTuple):
@@ -212,13 +229,54 @@ def split_implicit_prompt(chosen: str, rejected: str) -> TextPair:
     return pair
 
 
-def normalize_implicit(record: Mapping[str, Any]) -> TextPair:
-    """Implicit-prompt rows (HH-RLHF): two whole dialogues sharing everything but the last answer."""
+def split_common_prefix(chosen: str, rejected: str) -> TextPair:
+    """TRL's implicit-prompt split (``trl.extract_prompt``): the prompt is the longest common prefix, and when
+    the character right before the first difference is a space, that space starts the responses instead.
+
+    ``"Q\\nAnswer: Paris"`` / ``"Q\\nAnswer: Rome"`` -> ``"Q\\nAnswer:"``, ``" Paris"``, ``" Rome"``. Only a
+    single space moves (a newline stays in the prompt), and a difference inside a word splits the word, as
+    in TRL. Where TRL would silently train on a broken split, the row is dropped with a reason instead:
+    identical texts (``chosen_equals_rejected``), one text the start of the other (``response_is_prefix``,
+    naming the shorter one), or no non-blank common prefix (``no_shared_prompt``).
+    """
+    if chosen == rejected:
+        raise InvalidRow(DropReason.CHOSEN_EQUALS_REJECTED)
+    cut = len(os.path.commonprefix([chosen, rejected]))
+    if cut == min(len(chosen), len(rejected)):
+        raise InvalidRow(DropReason.RESPONSE_IS_PREFIX, "chosen" if len(chosen) < len(rejected) else "rejected")
+    if cut > 0 and chosen[cut - 1] == " ":
+        cut -= 1
+    if not chosen[:cut].strip():
+        raise InvalidRow(DropReason.NO_SHARED_PROMPT)
+    return TextPair(chosen[:cut], chosen[cut:], rejected[cut:])
+
+
+def has_hh_turn(*texts: str) -> bool:
+    """Whether any of ``texts`` holds an ``"\\n\\nAssistant:"`` turn (so the HH rule splits the row)."""
+    return any(ASSISTANT_TURN in text for text in texts)
+
+
+def split_implicit_pair(chosen: str, rejected: str) -> tuple[TextPair, PromptRule]:
+    """The split of an implicit row and the rule that made it.
+
+    HH's rule (:func:`split_implicit_prompt`) wherever either text holds an ``"\\n\\nAssistant:"`` turn, so
+    HH rows split, and fail (``prompt_mismatch``), exactly as before; TRL's common prefix
+    (:func:`split_common_prefix`) for every other row. The HH rule comes first because it keeps responses
+    that start alike (" I think so" / " I do not") whole, where the common prefix would move the "I" into the
+    prompt.
+    """
+    if has_hh_turn(chosen, rejected):
+        return split_implicit_prompt(chosen, rejected), PromptRule.HH_ASSISTANT_TURN
+    return split_common_prefix(chosen, rejected), PromptRule.COMMON_PREFIX
+
+
+def normalize_implicit(record: Mapping[str, Any]) -> tuple[TextPair, PromptRule]:
+    """Implicit-prompt rows: two whole texts sharing the prompt (:func:`split_implicit_pair`), and the rule."""
     chosen, rejected = require_string(record, "chosen"), require_string(record, "rejected")
-    pair = split_implicit_prompt(chosen, rejected)
+    pair, rule = split_implicit_pair(chosen, rejected)
     require_nonblank_response(pair.chosen, "chosen")
     require_nonblank_response(pair.rejected, "rejected")
-    return pair
+    return pair, rule
 
 
 # ---------------------------------------------------------------------------- conversational
@@ -327,16 +385,17 @@ def require_format(fmt: str) -> str:
 def parse_pair(record: Mapping[str, Any], fmt: str, tokenizer: Any = None) -> ParsedPair:
     """Validate ``record`` as format ``fmt``: its texts (the tokenizer renders chat rows) and canonical prompt."""
     if require_format(fmt) == "explicit":
-        pair = normalize_explicit(record)
+        pair, rule = normalize_explicit(record), PromptRule.GIVEN
         prompt = pair.prompt
     elif fmt == "implicit":
-        pair = normalize_implicit(record)
+        pair, rule = normalize_implicit(record)
         prompt = pair.prompt
     else:
         conversation = normalize_conversation(record)
         pair = render_conversation(tokenizer, conversation)
         prompt = canonical_prompt(conversation.prompt)
-    return ParsedPair(require_distinct(pair), prompt)
+        rule = PromptRule.SHARED_MESSAGES if record.get("prompt") is None else PromptRule.GIVEN
+    return ParsedPair(require_distinct(pair), prompt, rule)
 
 
 def extract_text_pair(record: Mapping[str, Any], fmt: str, tokenizer: Any = None) -> TextPair:
@@ -361,6 +420,19 @@ def split_final_assistant_turn(dialogue: str) -> TextExample:
     if HUMAN_TURN in dialogue[end:]:
         raise InvalidRow(DropReason.PROMPT_MISMATCH, "chosen")
     return TextExample(dialogue[:end], require_nonblank_response(dialogue[end:], "chosen"))
+
+
+def split_sft_implicit(record: Mapping[str, Any]) -> TextExample:
+    """An implicit SFT row -> prompt and ``chosen`` response, by the rule DPO uses for the row
+    (:func:`split_implicit_pair`): a ``chosen`` with an HH turn needs nothing else
+    (:func:`split_final_assistant_turn`); without one the prompt is the common prefix with ``rejected``,
+    so ``rejected`` must be there (``missing_field``).
+    """
+    chosen = require_string(record, "chosen")
+    if has_hh_turn(chosen):
+        return split_final_assistant_turn(chosen)
+    pair = split_common_prefix(chosen, require_string(record, "rejected"))
+    return TextExample(pair.prompt, require_nonblank_response(pair.chosen, "chosen"))
 
 
 def split_final_response(messages: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -390,9 +462,9 @@ def normalize_sft_conversation(record: Mapping[str, Any]) -> tuple[list[dict], l
 def extract_sft_example(record: Mapping[str, Any], fmt: str, tokenizer: Any = None) -> TextExample:
     """Validate ``record`` as an SFT row of format ``fmt``: the prompt text and the ``chosen`` response.
 
-    explicit: ``prompt`` and ``chosen`` strings; implicit: :func:`split_final_assistant_turn` of ``chosen``;
+    explicit: ``prompt`` and ``chosen`` strings; implicit: :func:`split_sft_implicit`;
     conversational: :func:`normalize_sft_conversation`, rendered with the chat template as DPO renders it.
-    ``rejected`` is never read.
+    ``rejected`` is read only to find the prompt of an implicit row without an HH turn.
 
     Raises:
         InvalidRow: with the reason and field, as for preference rows.
@@ -400,7 +472,7 @@ def extract_sft_example(record: Mapping[str, Any], fmt: str, tokenizer: Any = No
     if require_format(fmt) == "explicit":
         return TextExample(require_string(record, "prompt"), require_string(record, "chosen"))
     if fmt == "implicit":
-        return split_final_assistant_turn(require_string(record, "chosen"))
+        return split_sft_implicit(record)
     prompt, response = normalize_sft_conversation(record)
     prompt_text = render_prompt(tokenizer, prompt)
     return TextExample(prompt_text, render_response(tokenizer, prompt, prompt_text, response, "chosen"))

@@ -64,7 +64,8 @@ __all__ = ["DataValidationError", "PreparedData", "prepare_data"]
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 2  # bump when the stored rows would change for the same inputs and settings
+PIPELINE_VERSION = 3  # bump when the stored rows or report would change for the same inputs and settings
+# 3: implicit rows without an HH turn split by the common prefix; the report counts the prompt rules
 # The held-out rule, part of the cache key: 1 hashed (row_id, seed); 2 hashes (prompt digest, seed).
 SPLIT_RULE_VERSION = 2
 PUBLIC_COLUMNS = ("row_id", "prompt_ids", "chosen_ids", "rejected_ids", "num_tokens")

@@ -5,6 +5,11 @@ written to ``<output_dir>/data_report.json`` on every run, also when a check the
 ``read == kept + sum(dropped)`` holds for every file, every source and the total (a file that cannot be
 read at all counts as one ``unreadable_file`` row, and its cause is in the source's ``unreadable_files``).
 The ``split`` section (DPO) gives the pairs and the distinct prompts on each side.
+
+``prompt_rules`` (per source) counts the kept rows by the rule that found their prompt
+(:class:`~dpo_ray.data.formats.PromptRule`): ``given``, ``hh_assistant_turn`` and ``common_prefix`` (implicit
+rows: HH's last assistant turn, or TRL's common prefix), ``shared_messages``; its counts add up to ``kept``
+(empty for SFT, whose rows do not carry the rule).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ SUMMARY_SCHEMA = pa.schema(
         ("file", pa.string()),
         ("file_index", pa.int64()),
         ("reason", pa.string()),  # "" for kept rows
+        ("prompt_rule", pa.string()),  # the PromptRule of kept rows; "" for dropped ones and rows without a rule
         ("split", pa.string()),  # train / eval; null for a row dropped before its prompt was read
         ("rows", pa.int64()),
         ("truncated", pa.int64()),
@@ -36,14 +42,22 @@ SUMMARY_SCHEMA = pa.schema(
 )
 
 
+def read_prompt_rules(batch: pa.Table) -> list:
+    """The ``prompt_rule`` column, or all None for rows that carry no rule (SFT)."""
+    if "prompt_rule" in batch.column_names:
+        return batch.column("prompt_rule").to_pylist()
+    return [None] * batch.num_rows
+
+
 def summarize_batch(batch: pa.Table) -> pa.Table:
-    """Ray UDF: tokenized rows -> one summary row per (source, file, reason, split) of this batch."""
+    """Ray UDF: tokenized rows -> one summary row per (source, file, reason, prompt rule, split) of this batch."""
     names = ["role", "file", "file_index", "position", "row_id", "drop_reason", "drop_field", "truncated", "split"]
     groups: dict[tuple, dict[str, Any]] = {}
-    for role, file, index, position, row_id, reason, field, truncated, split in zip(
-        *batch.select(names).to_pydict().values()
+    for (role, file, index, position, row_id, reason, field, truncated, split), rule in zip(
+        zip(*batch.select(names).to_pydict().values()), read_prompt_rules(batch)
     ):
-        group = groups.setdefault((role, file, index, reason or "", split), {"rows": 0, "truncated": 0, "examples": []})
+        key = (role, file, index, reason or "", "" if reason else rule or "", split)
+        group = groups.setdefault(key, {"rows": 0, "truncated": 0, "examples": []})
         group["rows"] += 1
         group["truncated"] += bool(truncated)
         if reason:
@@ -54,7 +68,8 @@ def summarize_batch(batch: pa.Table) -> pa.Table:
             "file": [k[1] for k in groups],
             "file_index": [k[2] for k in groups],
             "reason": [k[3] for k in groups],
-            "split": [k[4] for k in groups],
+            "prompt_rule": [k[4] for k in groups],
+            "split": [k[5] for k in groups],
             "rows": [g["rows"] for g in groups.values()],
             "truncated": [g["truncated"] for g in groups.values()],
             "examples": [json.dumps(heapq.nsmallest(MAX_EXAMPLES, g["examples"])) for g in groups.values()],
@@ -83,6 +98,7 @@ def build_source_report(source: DataSource, fmt: str, summary: Iterable[Mapping[
     dropped: Counter = Counter()
     examples: dict[str, list] = defaultdict(list)
     splits: Counter = Counter()
+    rules: Counter = Counter()
     truncated = 0
     for row in sorted(summary, key=lambda r: (r["file_index"], r["file"])):
         counts = files.setdefault(row["file"], {"read": 0, "kept": 0, "dropped": 0})
@@ -97,6 +113,8 @@ def build_source_report(source: DataSource, fmt: str, summary: Iterable[Mapping[
         else:
             counts["kept"] += row["rows"]
             splits[row["split"]] += row["rows"]
+            if row["prompt_rule"]:
+                rules[row["prompt_rule"]] += row["rows"]
     read = sum(f["read"] for f in files.values())
     return {
         "key": source.key,
@@ -104,6 +122,7 @@ def build_source_report(source: DataSource, fmt: str, summary: Iterable[Mapping[
         "kind": source.kind,
         **({"split": source.split} if source.kind != "files" else {}),
         "format": fmt,
+        "prompt_rules": dict(rules.most_common()),  # kept rows by the rule that found their prompt
         "read": read,
         "kept": read - sum(dropped.values()),
         "dropped_total": sum(dropped.values()),
@@ -150,9 +169,17 @@ def format_counts(counts: Mapping[str, Any]) -> str:
             + (f" ({reasons})" if reasons else "") + f", truncated {counts['truncated']}")
 
 
+def describe_prompt_rules(src: Mapping[str, Any]) -> str:
+    """``"; prompt split by common_prefix 118, hh_assistant_turn 2"``, or "" when every prompt was given."""
+    rules = src.get("prompt_rules") or {}
+    if set(rules) <= {"given"}:
+        return ""
+    return "; prompt split by " + ", ".join(f"{rule} {n}" for rule, n in rules.items())
+
+
 def format_summary(report: Mapping[str, Any]) -> str:
-    """A few lines for the console: counts per source, the split and the cache."""
-    lines = [f"data {role}: {src['path']} ({src['format']}): {format_counts(src)}"
+    """A few lines for the console: counts per source (with the prompt rules), the split and the cache."""
+    lines = [f"data {role}: {src['path']} ({src['format']}{describe_prompt_rules(src)}): {format_counts(src)}"
              for role, src in report["sources"].items()]
     if len(report["sources"]) > 1:
         lines.append(f"data total: {format_counts(report['total'])}")

@@ -44,6 +44,7 @@ TOKENIZED_SCHEMA = pa.schema(
         ("drop_reason", pa.string()),
         ("drop_field", pa.string()),
         ("prompt_digest", pa.string()),  # null when the row was dropped before its prompt was read
+        ("prompt_rule", pa.string()),  # the PromptRule that found the prompt; null when dropped before that
     ]
 )
 
@@ -116,7 +117,8 @@ class PairTokenizer:
     The tokenizer is loaded once per instance. ``formats`` maps each row's ``role`` (train / eval source) to
     its data format. Rows already marked unusable pass through with their reason; rows that fail
     validation or truncation get theirs here. Rows whose texts were read get their ``prompt_digest``
-    (kept also when truncation then drops the row).
+    (kept also when truncation then drops the row) and their ``prompt_rule`` (the data report counts it
+    per source).
     """
 
     def __init__(self, tokenizer_path: str, formats: dict[str, str], max_length: int, max_prompt_length: int,
@@ -133,6 +135,7 @@ class PairTokenizer:
         fields = batch.column("drop_field").to_pylist()
         texts: dict[int, TextPair] = {}
         digests: list[str | None] = [None] * batch.num_rows
+        rules: list[str | None] = [None] * batch.num_rows
         roles = batch.column("role").to_pylist()
         for i, record in enumerate(batch.column("record").to_pylist()):
             if reasons[i] is not None:
@@ -142,18 +145,18 @@ class PairTokenizer:
             except InvalidRow as err:
                 reasons[i], fields[i] = err.reason.value, err.field
                 continue
-            texts[i], digests[i] = parsed.texts, digest_prompt(parsed.prompt)
+            texts[i], digests[i], rules[i] = parsed.texts, digest_prompt(parsed.prompt), parsed.rule.value
         tokenized: list[TokenizedPair | None] = [None] * batch.num_rows
         for i, pair in zip(texts, encode_pairs(self.tokenizer, list(texts.values()))):
             try:
                 tokenized[i] = truncate_pair(pair, self.max_length, self.max_prompt_length, self.tokenizer.bos_token_id)
             except InvalidRow as err:
                 reasons[i], fields[i] = err.reason.value, err.field
-        return self.build_table(batch, tokenized, reasons, fields, digests)
+        return self.build_table(batch, tokenized, reasons, fields, digests, rules)
 
     @staticmethod
     def build_table(batch: pa.Table, tokenized: list[TokenizedPair | None], reasons: list, fields: list,
-                    digests: list) -> pa.Table:
+                    digests: list, rules: list) -> pa.Table:
         """Assemble the output rows; token columns are null for unusable rows."""
         def column(get):
             return [None if t is None else get(t) for t in tokenized]
@@ -168,6 +171,7 @@ class PairTokenizer:
             drop_reason=reasons,
             drop_field=fields,
             prompt_digest=digests,
+            prompt_rule=rules,
         )
         return pa.table(data, schema=TOKENIZED_SCHEMA)
 
