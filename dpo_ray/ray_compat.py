@@ -5,7 +5,8 @@ new version fixes:
 
 * placement groups a stopped trial's Train controller leaves behind (:func:`release_orphaned_train_placement_groups`,
   :class:`PlacementGroupReleaser`, :func:`release_placement_groups_after_sweep`);
-* placement groups created in the instant a driver job ends (:func:`release_leaked_placement_groups`);
+* placement groups created in the instant a driver job ends (:func:`release_leaked_placement_groups`, limited
+  to this run's own jobs);
 * SIGTERM, which Tune does not treat as a stop request (:func:`forward_sigterm_as_sigint`).
 """
 
@@ -16,12 +17,15 @@ import logging
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import ray
 from ray import tune
 from ray.util.placement_group import PlacementGroup, remove_placement_group
-from ray.util.state import list_actors, list_jobs, list_placement_groups
+from ray.util.state import list_actors, list_placement_groups
+
+from dpo_ray.cluster import RUN_METADATA_KEY
 
 logger = logging.getLogger("dpo_ray")
 
@@ -38,34 +42,78 @@ def remove_placement_group_by_id(group: str) -> None:
 
 def find_leaked_placement_groups(groups, jobs) -> list[str]:
     """Ids of placement groups that outlived their job: not detached, still holding (or waiting for)
-    resources, created by a driver job that has finished.
+    resources, created by one of ``jobs`` that has finished.
 
     Ray removes a job's placement groups when the job ends, but a group created in the same instant
     (a Train controller starting its workers while the driver is being stopped) survives that cleanup
-    and holds its CPUs for as long as the cluster lives. ``groups``/``jobs``: Ray State API records.
+    and holds its CPUs for as long as the cluster lives. ``groups``: Ray State API records; ``jobs``:
+    records with ``job_id`` and ``status`` (pass only this run's jobs, see :func:`select_jobs_of_run`).
     """
     finished = {str(j.job_id) for j in jobs if getattr(j.status, "value", j.status) in FINISHED_JOB_STATES}
     return [g.placement_group_id for g in groups
             if g.creator_job_id in finished and not g.is_detached and g.state in ("CREATED", "PENDING")]
 
 
-def release_leaked_placement_groups() -> int:
-    """Remove the placement groups that outlived their job (see :func:`find_leaked_placement_groups`).
+@dataclass(frozen=True)
+class JobRecord:
+    """One driver job of the cluster, from the GCS job table."""
 
-    Called before a run or sweep asks for workers, so CPUs a stopped run leaked do not keep the new one
-    waiting forever (a resumed sweep once waited 8 minutes for the CPU of such a group). Needs the
-    State API (``ray[default]``); without it this logs a warning and does nothing.
+    job_id: str  # hex, as in the State API's placement group records
+    status: str  # "RUNNING" or "SUCCEEDED": the job table only knows alive or dead (Ray's list_jobs says the same)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def list_job_records() -> list[JobRecord]:
+    """Every driver job the cluster knows, with the metadata its driver passed to ``ray.init``.
+
+    Not ``ray.util.state.list_jobs``: for a job started by ``ray job submit`` that lists the submission's
+    metadata, not the driver's, so dpo-ray's mark (set in ``init_ray``) would be missing. The GCS job
+    table holds both; Ray's own autoscaler and usage stats read it the same way.
     """
-    address = ray.get_runtime_context().gcs_address
+    gcs = ray._private.worker.global_worker.gcs_client
+    table = gcs.get_all_job_info(skip_submission_job_info_field=True, skip_is_running_tasks_field=True)
+    return [JobRecord(job_id=entry.job_id.hex(), status="SUCCEEDED" if entry.is_dead else "RUNNING",
+                      metadata=dict(entry.config.metadata)) for entry in table.values()]
+
+
+def select_jobs_of_run(jobs: list[JobRecord], this_job_id: str) -> list[JobRecord]:
+    """The jobs carrying the same dpo-ray mark (output directory) as this job; none when this job has no mark.
+
+    On a shared cluster other users' jobs, and dpo-ray runs in other directories, are not ours to tidy; and
+    not every live group of a finished job is a leak: one a detached actor made (Ray Serve's, say) lives
+    as long as that actor, by design.
+    """
+    this = next((j for j in jobs if j.job_id == this_job_id), None)
+    mark = this.metadata.get(RUN_METADATA_KEY) if this is not None else None
+    if not mark:
+        return []
+    return [j for j in jobs if j.metadata.get(RUN_METADATA_KEY) == mark]
+
+
+def release_leaked_placement_groups() -> int:
+    """Remove the placement groups that earlier jobs of this run left behind (see :func:`find_leaked_placement_groups`).
+
+    Called before a run or sweep asks for workers, so CPUs a stopped run leaked do not keep the run that
+    resumes it waiting forever (a resumed sweep once waited 8 minutes for the CPU of such a group). Only
+    groups of finished jobs with this job's mark (``init_ray(run_dir=...)``: the same output directory)
+    are touched; without a mark, nothing is. Needs the State API (``ray[default]``); without it this logs
+    a warning and does nothing.
+    """
+    ctx = ray.get_runtime_context()
     try:
-        groups = list_placement_groups(address=address, detail=True, limit=10_000, raise_on_missing_output=False)
-        leaked = find_leaked_placement_groups(groups, list_jobs(address=address, raise_on_missing_output=False))
+        ours = select_jobs_of_run(list_job_records(), ctx.get_job_id())
+        if not ours:
+            return 0
+        groups = list_placement_groups(address=ctx.gcs_address, detail=True, limit=10_000,
+                                       raise_on_missing_output=False)
+        leaked = find_leaked_placement_groups(groups, ours)
     except Exception as exc:  # no dashboard / State API
-        logger.warning("cannot check for placement groups left by finished jobs: %s", exc)
+        logger.warning("cannot check for placement groups left by earlier jobs of this run: %s", exc)
         return 0
     for group in leaked:
         remove_placement_group_by_id(group)
-        logger.warning("released placement group %s: its job had finished but it still held resources", group)
+        logger.warning("released placement group %s: an earlier job of this run had finished but it still held "
+                       "resources", group)
     return len(leaked)
 
 

@@ -156,9 +156,11 @@ def test_only_live_groups_of_finished_jobs_count_as_leaked():
 def test_a_group_whose_job_finished_is_released_and_its_cpus_come_back(ray_session, monkeypatch):
     """The leak itself is a race in Ray (a group created as its driver stops); here the job is reported
     finished while its group lives, and the real group is removed through the State API's records."""
-    import ray.util.state
+    import dataclasses
+
     from ray.util.placement_group import placement_group
 
+    from dpo_ray.cluster import RUN_METADATA_KEY
     from dpo_ray.ray_compat import release_leaked_placement_groups
 
     # Earlier tests' actors may still be handing their CPUs back: start from an idle instance, so the
@@ -173,17 +175,14 @@ def test_a_group_whose_job_finished_is_released_and_its_cpus_come_back(ray_sessi
 
     import dpo_ray.ray_compat
 
-    real_list_jobs = ray.util.state.list_jobs
+    real_list_job_records = dpo_ray.ray_compat.list_job_records
 
-    def jobs_with_this_one_finished(*args, **kwargs):
-        records = real_list_jobs(*args, **kwargs)
+    def jobs_with_this_one_finished():  # and marked as a dpo-ray run (the test session's driver is not)
         this = ray_session.get_runtime_context().get_job_id()
-        for record in records:
-            if record.job_id == this:
-                record.status = "SUCCEEDED"
-        return records
+        return [dataclasses.replace(r, status="SUCCEEDED", metadata={RUN_METADATA_KEY: "/run"})
+                if r.job_id == this else r for r in real_list_job_records()]
 
-    monkeypatch.setattr(dpo_ray.ray_compat, "list_jobs", jobs_with_this_one_finished)
+    monkeypatch.setattr(dpo_ray.ray_compat, "list_job_records", jobs_with_this_one_finished)
     assert release_leaked_placement_groups() == 1
     assert wait_for_free_cpus(ray_session, free) == pytest.approx(free)
 

@@ -1,0 +1,123 @@
+"""Ray's record of a ``ray start`` head, and placement groups of finished jobs: which are ours to touch.
+
+Pure unit tests: no Ray instance is started here (the session's one from conftest.py is shared).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from types import SimpleNamespace
+
+import pytest
+
+from dpo_ray.cluster import RUN_METADATA_KEY, build_job_metadata, choose_address_without_ray_address
+
+
+@pytest.fixture
+def ray_record(tmp_path, monkeypatch):
+    """Write Ray's local cluster record (``ray start`` writes it) under a temp dir Ray's lookup uses."""
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # Ray's temp dir: $RAY_TMPDIR/ray
+    (tmp_path / "ray").mkdir()
+    record = tmp_path / "ray" / "ray_current_cluster"
+
+    def write(address: str):
+        record.write_text(address)
+        return record
+
+    return write
+
+
+def find_closed_port() -> int:
+    """A local port nothing listens on (bound once, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_record_of_a_dead_head_starts_a_fresh_local_instance(ray_record, caplog):
+    address = f"127.0.0.1:{find_closed_port()}"
+    record = ray_record(address)
+    with caplog.at_level(logging.WARNING, logger="dpo_ray"):
+        assert choose_address_without_ray_address() == "local"  # ray.init(address="local") ignores the record
+    [line] = [r.getMessage() for r in caplog.records]
+    assert str(record) in line and address in line and "ray stop" in line
+
+
+def test_a_record_of_a_live_head_is_joined_as_ray_does(ray_record, caplog):
+    with socket.socket() as head:
+        head.bind(("", 0))  # all interfaces, as a GCS listens: Ray dials the node IP for 127.0.0.1
+        head.listen()
+        ray_record(f"127.0.0.1:{head.getsockname()[1]}")
+        with caplog.at_level(logging.WARNING, logger="dpo_ray"):
+            assert choose_address_without_ray_address() is None  # Ray's own choice: the recorded head
+    assert caplog.records == []
+
+
+def test_no_record_leaves_the_choice_to_ray(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    assert choose_address_without_ray_address() is None
+
+
+def test_an_unparsable_record_starts_a_fresh_local_instance(ray_record, caplog):
+    ray_record("not-an-address")
+    with caplog.at_level(logging.WARNING, logger="dpo_ray"):
+        assert choose_address_without_ray_address() == "local"
+    assert "not-an-address" in caplog.records[0].getMessage()
+
+
+def test_the_job_mark_is_the_resolved_output_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert build_job_metadata("runs/a") == {RUN_METADATA_KEY: str(tmp_path / "runs" / "a")}
+    assert build_job_metadata(None) == {}
+
+
+# ------------------------------------------------------------------------------------ leaked placement groups
+
+
+def group(group_id: str, job_id: str) -> SimpleNamespace:
+    return SimpleNamespace(placement_group_id=group_id, creator_job_id=job_id, is_detached=False, state="CREATED")
+
+
+def job(job_id: str, status: str, run: str | None):
+    from dpo_ray.ray_compat import JobRecord
+
+    return JobRecord(job_id=job_id, status=status, metadata={RUN_METADATA_KEY: run} if run else {})
+
+
+JOBS = [
+    job("01000000", "SUCCEEDED", None),  # another user's finished job: no dpo-ray mark
+    job("02000000", "SUCCEEDED", "/runs/other"),  # a finished dpo-ray run in another directory
+    job("03000000", "SUCCEEDED", "/runs/mine"),  # the interrupted run this one resumes
+    job("04000000", "RUNNING", "/runs/mine"),  # this job
+]
+GROUPS = [group("a", "01000000"), group("b", "02000000"), group("c", "03000000"), group("d", "04000000")]
+
+
+def test_only_finished_jobs_with_this_jobs_mark_have_leaked_groups():
+    from dpo_ray.ray_compat import find_leaked_placement_groups, select_jobs_of_run
+
+    ours = select_jobs_of_run(JOBS, "04000000")
+    assert [j.job_id for j in ours] == ["03000000", "04000000"]
+    assert find_leaked_placement_groups(GROUPS, ours) == ["c"]
+    unmarked = [*JOBS[:3], job("04000000", "RUNNING", None)]  # this job has no mark: nothing is ours
+    assert select_jobs_of_run(unmarked, "04000000") == []
+
+
+def test_a_finished_jobs_group_without_our_mark_is_not_released(monkeypatch):
+    import ray
+
+    import dpo_ray.ray_compat as compat
+
+    removed = []
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_job_id=lambda: "04000000",
+                                                                            gcs_address="127.0.0.1:1"))
+    monkeypatch.setattr(compat, "list_job_records", lambda: JOBS)
+    monkeypatch.setattr(compat, "list_placement_groups", lambda **kwargs: GROUPS)
+    monkeypatch.setattr(compat, "remove_placement_group_by_id", removed.append)
+    assert compat.release_leaked_placement_groups() == 1
+    assert removed == ["c"]  # not "a" (no mark) nor "b" (another directory's run)
+
+    monkeypatch.setattr(compat, "list_job_records", lambda: [job(j.job_id, j.status, None) for j in JOBS])
+    assert compat.release_leaked_placement_groups() == 0  # no job carries a mark: nothing is touched
+    assert removed == ["c"]
