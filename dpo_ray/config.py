@@ -24,6 +24,16 @@ from dpo_ray.losses import LossType
 # `ray job submit --working-dir .` upload.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_HH_DATA = "data/hh_rlhf_harmless_1800.jsonl.gz"
+AUTO = "auto"  # a sweep setting left for the sweep to size from the cluster's resources
+
+# The dataclass defaults suit pretrained models. A config that builds the tiny random-init model (an empty
+# model.name_or_path) gets these values under whatever it sets itself: a random-init model needs steps a
+# thousand times larger than a pretrained one (at 1e-6 it barely moves in a hundred steps). configs/default.yaml
+# leaves these keys out, so they follow the model there too (tests/test_config.py checks both cases).
+TINY_MODEL_PRESET: dict[str, Any] = {
+    "train": {"learning_rate": 1e-3},
+    "sweep": {"lr_min": 1e-4, "lr_max": 3e-3},  # below 1e-4 the tiny model barely moves; above 3e-3 it gets noisy
+}
 
 
 class ConfigError(ValueError):
@@ -106,7 +116,9 @@ class DPOSettings:
 
 @dataclass
 class TrainSettings:
-    learning_rate: float = 1e-3  # tiny random-init models need a large step; real models use 5e-7..1e-6
+    # TRL's DPOConfig default, for pretrained models (DPO recipes use 5e-7..1e-6; 1e-3 would wreck a pretrained
+    # model in a few steps). The tiny random-init model gets its own from TINY_MODEL_PRESET.
+    learning_rate: float = 1e-6
     batch_size: int = 16  # pairs per optimizer step across all workers
     micro_batch_size: int = 8  # pairs per forward pass per worker; gradient accumulation covers the rest
     max_steps: int = 0  # 0 = run data.epochs over the data
@@ -148,13 +160,17 @@ class ScalingSettings:
 @dataclass
 class SweepSettings:
     num_samples: int = 4
-    max_concurrent_trials: int = 2
+    # auto: as many trials at once as the cluster can give their workers (sized once, logged, before trials start)
+    max_concurrent_trials: int | Literal["auto"] = AUTO
+    # Ray Train workers per trial; auto: scaling.num_workers, lowered when one trial with that many cannot fit in
+    # the cluster. A number is used as it is (a count the cluster cannot hold is an error).
+    workers_per_trial: int | Literal["auto"] = AUTO
     beta_search: Literal["loguniform", "grid"] = "loguniform"
     beta_min: float = 0.02
     beta_max: float = 0.5
     beta_grid: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.3, 0.5])
-    lr_min: float = 1e-4
-    lr_max: float = 3e-3
+    lr_min: float = 1e-7  # log-uniform over two decades around TRL's 1e-6, for pretrained models
+    lr_max: float = 1e-5  # (the tiny model's range is in TINY_MODEL_PRESET)
     extra: dict[str, list] = field(default_factory=dict)  # other config keys to grid over
     asha: bool = True  # stop weak trials early on eval accuracy
     asha_grace_period: int = 1  # evaluations before a trial can be stopped
@@ -209,6 +225,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(str(choice) for choice in typing.get_args(tp))
     if origin is None:
         return getattr(tp, "__name__", str(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
     args = ", ".join(_type_name(a) for a in typing.get_args(tp))
     return f"{origin.__name__}[{args}]"
 
@@ -360,10 +378,29 @@ def build_settings(cls: type, overrides: list[str], base: dict[str, Any] | None 
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Build and validate a Config from a (possibly partial) nested dict."""
-    cfg = _from_dict(Config, data or {})
+    """Build and validate a Config from a (possibly partial) nested dict.
+
+    Keys the dict leaves out take the dataclass defaults (pretrained-model values), or :data:`TINY_MODEL_PRESET`'s
+    where the config builds the tiny model.
+    """
+    cfg = _from_dict(Config, apply_tiny_model_preset(data or {}))
     validate_config(cfg)
     return cfg
+
+
+def apply_tiny_model_preset(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` over :data:`TINY_MODEL_PRESET` when it builds the tiny model (empty model.name_or_path), else as is."""
+    model = data.get("model")
+    name = model.get("name_or_path", "") if isinstance(model, dict) else ""
+    if name or not isinstance(model, (dict, type(None))):
+        return data  # a named model, or a malformed section that _from_dict will name
+    tree = json.loads(json.dumps(TINY_MODEL_PRESET))
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(tree.get(section), dict):
+            tree[section] = {**tree[section], **values}
+        else:
+            tree[section] = values
+    return tree
 
 
 def derive_config(cfg: Config, values: dict[str, Any]) -> Config:
@@ -376,7 +413,11 @@ def derive_config(cfg: Config, values: dict[str, Any]) -> Config:
 
 
 def build_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML preset (optional), apply ``--set`` overrides, validate, return the Config."""
+    """Load a YAML preset (optional), apply ``--set`` overrides, validate, return the Config.
+
+    Without a preset the defaults apply: the dataclasses' (pretrained-model values), under
+    :data:`TINY_MODEL_PRESET` when the config builds the tiny model (see :func:`config_from_dict`).
+    """
     data: dict[str, Any] = {}
     if yaml_path:
         path = Path(yaml_path)
@@ -484,7 +525,10 @@ def _validate_model_and_run(cfg: Config) -> None:
 
 def _validate_sweep(cfg: Config) -> None:
     _require(cfg.sweep.num_samples >= 1, "sweep.num_samples", "must be >= 1")
-    _require(cfg.sweep.max_concurrent_trials >= 1, "sweep.max_concurrent_trials", "must be >= 1")
+    concurrent, workers = cfg.sweep.max_concurrent_trials, cfg.sweep.workers_per_trial
+    _require(concurrent == AUTO or concurrent >= 1, "sweep.max_concurrent_trials",
+             f"must be auto or >= 1; got {concurrent}")
+    _require(workers == AUTO or workers >= 0, "sweep.workers_per_trial", f"must be auto or >= 0; got {workers}")
     _require(0 < cfg.sweep.beta_min <= cfg.sweep.beta_max, "sweep.beta_min", "needs 0 < beta_min <= beta_max")
     _require(0 < cfg.sweep.lr_min <= cfg.sweep.lr_max, "sweep.lr_min", "needs 0 < lr_min <= lr_max")
     for key in cfg.sweep.extra:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from dpo_ray.config import Config, ConfigError, build_config, config_from_dict, merge_overrides, validate_config
+from dpo_ray.config import (
+    TINY_MODEL_PRESET,
+    Config,
+    ConfigError,
+    build_config,
+    config_from_dict,
+    merge_overrides,
+    validate_config,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = sorted(p for p in (REPO / "configs").rglob("*") if p.suffix in (".yaml", ".yml"))
@@ -19,9 +28,31 @@ PRESETS = sorted(p for p in (REPO / "configs").rglob("*") if p.suffix in (".yaml
 def test_defaults_validate():
     cfg = Config()
     validate_config(cfg)  # does not raise
-    built = build_config()
-    assert built == cfg
+    built = build_config(None, ["model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct"])  # a named model: the bare defaults
+    assert built == Config(model=dataclasses.replace(cfg.model, name_or_path="Qwen/Qwen2.5-0.5B-Instruct"))
     assert built.dpo.beta == 0.1 and built.dpo.loss_type == "sigmoid"
+
+
+def test_default_learning_rate_suits_pretrained_models():
+    named = build_config(None, ["model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct"])
+    assert Config().train.learning_rate == named.train.learning_rate == 1e-6  # TRL's DPOConfig default
+    assert named.sweep.lr_min < 1e-6 < named.sweep.lr_max <= 1e-5  # the sweep searches around it
+
+
+def test_the_tiny_model_default_carries_its_own_learning_rate(tmp_path):
+    tiny = build_config()  # no preset, no model named: the tiny random-init model
+    assert tiny.train.learning_rate == TINY_MODEL_PRESET["train"]["learning_rate"] == 1e-3
+    assert (tiny.sweep.lr_min, tiny.sweep.lr_max) == (1e-4, 3e-3)
+    assert build_config(REPO / "configs" / "default.yaml") == tiny  # the embedded default, written out
+    # it leaves the learning rate to the defaults, so naming a pretrained model there gets the pretrained default
+    named = build_config(REPO / "configs" / "default.yaml", ["model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct"])
+    assert named.train.learning_rate == 1e-6
+    assert build_config(None, ["train.learning_rate=5e-4"]).train.learning_rate == 5e-4  # the user's value wins
+    path = tmp_path / "tiny.yaml"
+    path.write_text("train:\n  batch_size: 8\n")
+    assert build_config(path).train.learning_rate == 1e-3  # a preset for the tiny model gets it too
+    path.write_text("model:\n  name_or_path: /models/llama\n")
+    assert build_config(path).train.learning_rate == 1e-6
 
 
 def test_yaml_round_trip_gives_the_same_config(tmp_path):
@@ -65,7 +96,7 @@ def test_yaml_file_errors_name_the_problem(tmp_path):
 def test_empty_yaml_file_gives_defaults(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("# nothing here yet\n")
-    assert build_config(path) == Config()
+    assert build_config(path) == build_config()
 
 
 # ---------------------------------------------------------------------------- --set overrides

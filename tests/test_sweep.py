@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from dpo_ray.cli import main_sweep
-from dpo_ray.config import ConfigError, config_from_dict
+from dpo_ray.config import TINY_MODEL_PRESET, ConfigError, build_config, config_from_dict
 from dpo_ray.sweep import preflight, results
 from dpo_ray.sweep import space as sweep_space
 
@@ -40,7 +40,8 @@ def build_sweep_dict(model_dir: str, cache_dir: Path, output_dir: Path, **sweep)
                  "max_invalid_fraction": 0.5},
         "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 4, "eval_every": 2, "log_every": 2},
         "scaling": {"num_workers": 1, "max_failures": 0},
-        "sweep": {"num_samples": 1, "max_concurrent_trials": 1, "seed": 7, **sweep},
+        # a named model gets the pretrained-model lr range; this tiny one keeps its own
+        "sweep": {**TINY_MODEL_PRESET["sweep"], "num_samples": 1, "max_concurrent_trials": 1, "seed": 7, **sweep},
         "output_dir": str(output_dir),
     }
 
@@ -127,13 +128,45 @@ def test_resume_refuses_a_different_config(tmp_path):
         preflight.check_resume_matches(changed)
 
 
-def test_concurrent_trials_that_could_never_get_workers_are_refused(ray_session):
-    # 8 trials x 0.25 CPU would hold both CPUs of the session cluster: no trial's worker could start.
-    cfg = config_from_dict({"scaling": {"num_workers": 1}, "sweep": {"num_samples": 8, "max_concurrent_trials": 8}})
-    with pytest.raises(ConfigError, match="sweep.max_concurrent_trials"):
-        preflight.check_sweep_resources(cfg)
-    preflight.check_sweep_resources(config_from_dict({"scaling": {"num_workers": 1},
-                                                      "sweep": {"max_concurrent_trials": 2}}))
+def size(resources: dict, *overrides: str) -> tuple[int, int]:
+    sizing = preflight.choose_sweep_sizing(build_config(None, list(overrides)), resources)
+    return sizing.concurrent_trials, sizing.workers_per_trial
+
+
+def test_auto_sizing_fits_the_default_sweep_to_the_cluster():
+    # 2 CPUs: one trial with the default 2 workers needs 0.25 + 2 CPUs, so 1 worker per trial, 1 trial at once
+    assert size({"CPU": 2.0}) == (1, 1)
+    assert "scaling.num_workers=2 would need (0.25 + 2 x 1) CPUs" in preflight.choose_sweep_sizing(
+        build_config(), {"CPU": 2.0}).reason
+    assert size({"CPU": 16.0}) == (4, 2)  # all 4 trials, each 2.25 CPUs
+    assert size({"CPU": 16.0}, "sweep.num_samples=16") == (7, 2)  # 7 x 2.25 <= 16: every started trial trains
+    assert size({"CPU": 4.0}, "scaling.num_workers=4") == (1, 2)  # 3 fits too but does not divide batch_size 16
+    assert size({"CPU": 16.0, "GPU": 1.0}, "scaling.use_gpu=true") == (1, 1)  # GPUs bound both
+    assert size({"CPU": 1.0}, "scaling.allow_autoscale=true") == (2, 2)  # a growing cluster: not sized from now
+
+
+def test_values_the_user_set_are_kept_and_one_that_cannot_fit_is_refused():
+    assert size({"CPU": 16.0}, "sweep.max_concurrent_trials=3", "sweep.workers_per_trial=3",
+                "train.batch_size=12") == (3, 3)
+    assert size({"CPU": 2.0}, "sweep.max_concurrent_trials=2") == (2, 1)  # workers still auto: lowered
+    # 8 trials x 0.25 CPU would hold both CPUs: no trial's worker could ever start
+    cfg = build_config(None, ["scaling.num_workers=1", "sweep.num_samples=8", "sweep.max_concurrent_trials=8"])
+    with pytest.raises(ConfigError, match="'sweep.max_concurrent_trials': 8 concurrent trials"):
+        preflight.check_sweep_fits(preflight.size_sweep_config(cfg, {"CPU": 2.0}), {"CPU": 2.0})
+    explicit_workers = build_config(None, ["sweep.workers_per_trial=2"])
+    assert preflight.choose_sweep_sizing(explicit_workers, {"CPU": 2.0}).workers_per_trial == 2
+    with pytest.raises(ConfigError, match=r"'sweep.workers_per_trial': one trial needs 2.25 CPUs .* cluster has 2 "):
+        preflight.check_sweep_fits(preflight.size_sweep_config(explicit_workers, {"CPU": 2.0}), {"CPU": 2.0})
+
+
+def test_the_sweep_is_sized_once_from_the_cluster_and_logged(monkeypatch, caplog):
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})  # a 2-core machine, no Ray needed
+    with caplog.at_level("INFO", logger="dpo_ray"):
+        sized = preflight.size_sweep(build_config())  # python workflows/sweep.py with no --config
+    assert (sized.sweep.max_concurrent_trials, sized.sweep.workers_per_trial, sized.scaling.num_workers) == (1, 1, 1)
+    assert "sweep sizing: 1 trial(s) at once" in caplog.text
 
 
 def test_only_live_groups_of_finished_jobs_count_as_leaked():

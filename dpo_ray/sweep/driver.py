@@ -23,7 +23,7 @@ from typing import Any
 
 from dpo_ray.config import Config
 from dpo_ray.ray_compat import release_leaked_placement_groups, release_placement_groups_after_sweep
-from dpo_ray.sweep.preflight import SWEEP_CONFIG_FILE, check_resume_matches, check_sweep_resources
+from dpo_ray.sweep.preflight import SWEEP_CONFIG_FILE, check_resume_matches, size_sweep
 from dpo_ray.sweep.results import build_rows, write_sweep_outputs
 from dpo_ray.sweep.space import count_trials, validate_sweep_keys
 from dpo_ray.sweep.trial import build_trainable, prepare_shared_inputs
@@ -46,20 +46,20 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     if resumed:
         check_resume_matches(cfg)
     release_leaked_placement_groups()  # e.g. left by the interrupted run this one resumes
-    check_sweep_resources(cfg)
-    shared = prepare_shared_inputs(cfg)
+    sized = size_sweep(cfg)  # the config as given (auto included) is the one a resume must match
+    shared = prepare_shared_inputs(sized)
     logger.info("prepared once for all trials: %d train / %d eval pairs, %d reference pass(es)",
                 shared.prepared.train_pairs, shared.prepared.eval_pairs, shared.prepared.reference_passes)
-    trainable = build_trainable(cfg, shared)
+    trainable = build_trainable(sized, shared)
     if resumed:
-        logger.info("resuming the sweep in %s", resolve_experiment_path(cfg))
-        tuner = restore_tuner(cfg, trainable)
+        logger.info("resuming the sweep in %s", resolve_experiment_path(sized))
+        tuner = restore_tuner(sized, trainable)
     else:
         (out / SWEEP_CONFIG_FILE).write_text(cfg.to_yaml())
-        logger.info("starting a sweep of %d trials (at most %d at once) in %s", count_trials(cfg),
-                    cfg.sweep.max_concurrent_trials, resolve_experiment_path(cfg))
-        tuner = build_tuner(cfg, trainable)
+        logger.info("starting a sweep of %d trials (at most %d at once) in %s", count_trials(sized),
+                    sized.sweep.max_concurrent_trials, resolve_experiment_path(sized))
+        tuner = build_tuner(sized, trainable)
     grid = tuner.fit()
     release_placement_groups_after_sweep()
-    return write_sweep_outputs(cfg, build_rows(grid, cfg), shared.prepared.reference_passes,
+    return write_sweep_outputs(sized, build_rows(grid, sized), shared.prepared.reference_passes,
                                time.perf_counter() - start, resumed)

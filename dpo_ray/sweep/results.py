@@ -182,6 +182,8 @@ def write_sweep_outputs(cfg: Config, rows: list[dict[str, Any]], reference_passe
     summary: dict[str, Any] = {
         "experiment_path": resolve_experiment_path(cfg),
         "num_trials": len(rows),
+        "max_concurrent_trials": cfg.sweep.max_concurrent_trials,  # as sized from the cluster when auto
+        "workers_per_trial": cfg.sweep.workers_per_trial,
         "statuses": summarize_statuses(rows),
         "reference_passes": reference_passes,
         **timing,
