@@ -105,6 +105,8 @@ def main_train(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(summary["exit_code"] or 130)
     print("[dpo-ray] done:\n" + format_fields(summary, TRAIN_SUMMARY_KEYS))
     print(f"[dpo-ray] summary: {cfg.resolved_output_dir() / SUMMARY_FILE}")
+    if summary.get("training_plot"):
+        print(f"[dpo-ray] training curves: {summary['training_plot']}")
     print(f"[dpo-ray] final model: {summary['final_model_dir']}")
     return summary
 

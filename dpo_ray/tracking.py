@@ -1,13 +1,17 @@
-"""What a training worker tells people: console lines, TensorBoard/MLflow scalars, peak memory."""
+"""What a training worker tells people: console lines, TensorBoard/MLflow scalars, the run's metrics file (what
+``training.png`` is drawn from), peak memory."""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,11 +33,79 @@ def format_eta(eta_s: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0)))
 
 
+METRICS_DIR = "metrics"
+
+
+def metrics_file_path(cfg: Config) -> Path:
+    """``<output_dir>/metrics/<run_name>.jsonl``: one run's scalars, beside ``tensorboard/<run_name>``."""
+    return Path(cfg.resolved_output_dir()) / METRICS_DIR / f"{cfg.run_name}.jsonl"
+
+
+def read_metric_rows(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The rows of a metrics file, in file order, and the numbers of the lines that are not a JSON object
+    with an integer ``step`` (a line cut short when a worker was killed mid-write); no file: no rows."""
+    rows: list[dict[str, Any]] = []
+    bad: list[int] = []
+    if not path.exists():
+        return rows, bad
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
+            rows.append(row)
+        else:
+            bad.append(number)
+    return rows, bad
+
+
+class MetricsFile:
+    """Rank 0's scalars as JSON lines, ``{"step": s, "<name>": value, ...}`` per logging call, names as in
+    TensorBoard (non-finite values as null). Plain files survive a resume, and the driver reads them back.
+
+    A resumed run continues from its checkpoint's step, so rows that an earlier attempt wrote after that
+    step are stale: the first row this writer writes drops every earlier row at or after its own step. The
+    rows before it are the history the picture keeps.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.pruned = False
+
+    def write(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.pruned:
+            self.drop_rows_from(step)
+            self.pruned = True
+        values = {k: (v if math.isfinite(v) else None) for k, v in metrics.items() if is_scalar(v)}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+
+    def drop_rows_from(self, step: int) -> None:
+        """Rewrite the file (atomically) without the rows at ``step`` or later, nor unreadable lines."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        rows, bad = read_metric_rows(self.path)
+        if bad:
+            logger.warning("%s: %d unreadable line(s) dropped (line %s)", self.path, len(bad), bad[:5])
+        kept = [r for r in rows if r["step"] < step]
+        if len(kept) < len(rows):
+            logger.info("%s: %d row(s) after step %d dropped (an earlier attempt's)", self.path,
+                        len(rows) - len(kept), step - 1)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+
+
+def is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def open_metric_writers(cfg: Config, rank: int):
-    """TensorBoard on rank 0 (and MLflow when installed and MLFLOW_TRACKING_URI is set)."""
+    """On rank 0: the run's metrics file, TensorBoard (when installed), MLflow (when installed and
+    MLFLOW_TRACKING_URI is set)."""
     if rank != 0:
         return []
-    writers = []
+    writers: list[Any] = [MetricsFile(metrics_file_path(cfg))]
     try:
         from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard may be missing
 
@@ -55,7 +127,9 @@ def open_metric_writers(cfg: Config, rank: int):
 def log_metrics(writers, metrics: dict[str, float], step: int) -> None:
     """The numeric entries of ``metrics`` to every writer at ``step``."""
     for w in writers:
-        if hasattr(w, "add_scalar"):
+        if isinstance(w, MetricsFile):
+            w.write(metrics, step)
+        elif hasattr(w, "add_scalar"):
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     w.add_scalar(k, v, step)

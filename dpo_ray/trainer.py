@@ -20,7 +20,9 @@ from dpo_ray.interrupt import GracefulStop
 from dpo_ray.modeling import load_tokenizer
 from dpo_ray.objective import resolve_objective
 from dpo_ray.ray_compat import release_leaked_placement_groups
+from dpo_ray.tracking import metrics_file_path, read_metric_rows
 from dpo_ray.train_loop import train_loop_per_worker
+from dpo_ray.training_plot import PLOT_FILE, plot_training_curves
 
 logger = logging.getLogger("dpo_ray")
 
@@ -121,13 +123,42 @@ def start_run(cfg: Config) -> None:
 
 
 def fit_trainer(cfg: Config, trainer):
-    """Run ``trainer`` with SIGINT/SIGTERM asking for a checkpointed stop: (result, interrupted, exit code)."""
+    """Run ``trainer`` with SIGINT/SIGTERM asking for a checkpointed stop, then draw its curves
+    (:func:`write_training_plot`, for every objective): (result, interrupted, exit code)."""
     with GracefulStop([cfg.run_name]) as stopper:
         result = trainer.fit()
     if result.error is not None:
         raise result.error
     interrupted = bool((result.metrics or {}).get("interrupted")) or stopper.signum is not None
+    write_training_plot(cfg)
     return result, interrupted, stopper.exit_code
+
+
+def write_training_plot(cfg: Config) -> Path | None:
+    """``<output_dir>/training.png`` from the run's metrics file, which holds the steps before any resume too;
+    None, and no picture of an earlier run left behind, when the run logged nothing to draw."""
+    source = metrics_file_path(cfg)
+    rows, bad = read_metric_rows(source)
+    if bad:
+        logger.warning("%s: %d unreadable line(s) left out of the picture (line %s)", source, len(bad), bad[:5])
+    path = cfg.resolved_output_dir() / PLOT_FILE
+    last_step = max((r["step"] for r in rows), default=0)
+    try:
+        drawn = plot_training_curves(rows, path, title=f"run {cfg.run_name!r}: training curves to step {last_step}")
+        reason = f"nothing to draw in {len(rows)} row(s)"
+    except ValueError as exc:  # a row that cannot be drawn must not cost the trained model its export
+        drawn, reason = None, str(exc)
+    if drawn is None or drawn.path is None:
+        path.unlink(missing_ok=True)  # no picture of an earlier run left beside this run's summary
+        logger.warning("%s: %s; %s not written", source, reason, PLOT_FILE)
+        return None
+    return drawn.path
+
+
+def find_training_plot(cfg: Config) -> str | None:
+    """The picture :func:`fit_trainer` drew for this run, if it drew one."""
+    path = cfg.resolved_output_dir() / PLOT_FILE
+    return str(path) if path.exists() else None
 
 
 def export_final_model(cfg: Config, result) -> str:
@@ -183,6 +214,7 @@ def build_summary(
             "final_model_dir": final_model_dir,
             "checkpoint_path": checkpoint_path,
             "data_report": str(cfg.resolved_output_dir() / "data_report.json"),
+            "training_plot": find_training_plot(cfg),
             "config": cfg.to_dict(),
         }
     )

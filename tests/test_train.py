@@ -221,3 +221,5 @@ def test_sigterm_checkpoints_and_the_same_command_resumes_to_the_same_step(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 200
     assert summary["interrupted"] is False
+    steps_logged = [json.loads(line)["step"] for line in (out / "metrics/dpo.jsonl").read_text().splitlines()]
+    assert Path(summary["training_plot"]).is_file() and steps_logged[0] == 1 and steps_logged[-1] == 200
