@@ -41,7 +41,7 @@ from dpo_ray.sft import run_sft
 from dpo_ray.sweep import SUMMARY_FILE as SWEEP_SUMMARY_FILE
 from dpo_ray.sweep import run_sweep
 from dpo_ray.tiny_model import count_saved_parameters, make_tiny_model, read_tokenizer_texts
-from dpo_ray.trainer import SUMMARY_FILE, run_dpo
+from dpo_ray.trainer import SUMMARY_FILE, find_training_plot, run_dpo
 
 # ------------------------------------------------------------------------------------ shared plumbing
 
@@ -96,7 +96,7 @@ def main_train(argv: list[str] | None = None) -> dict[str, Any]:
     """``dpo-ray train``: DPO on Ray Train. Exit 2 on bad input; 130 (or the signal's code) when interrupted."""
     _, cfg = parse_config(build_parser("Train a policy with DPO on Ray Train."), argv)
     print_config(cfg)
-    init_ray()
+    init_ray(run_dir=cfg.resolved_output_dir())
     with exit_on_input_error():
         summary = run_dpo(cfg)
     if summary["interrupted"]:
@@ -119,11 +119,14 @@ def main_sft(argv: list[str] | None = None) -> dict[str, Any]:
     _, cfg = parse_config(build_parser("Supervised fine-tuning on the chosen responses of data.train (Ray Train)."),
                           argv)
     print_config(cfg)
-    init_ray()
+    init_ray(run_dir=cfg.resolved_output_dir())
     with exit_on_input_error():
         summary = run_sft(cfg)
     print(format_fields(summary, ("train_examples", "eval_examples", "steps", "train_loss", "eval_loss",
                                   "wall_seconds")))
+    plot = find_training_plot(cfg)
+    if plot:
+        print(f"[dpo-ray] training curves: {plot}")
     print(f"[dpo-ray] final model: {summary['final_model_dir']}", flush=True)
     return summary
 
@@ -180,7 +183,7 @@ def main_sweep(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     _, cfg = parse_config(build_parser("Sweep DPO's beta and learning rate with Ray Tune."), argv)
     print_config(cfg)
-    init_ray()
+    init_ray(run_dir=cfg.resolved_output_dir())
     try:
         with exit_on_input_error(), forward_sigterm_as_sigint():
             summary = run_sweep(cfg)
@@ -217,7 +220,7 @@ def main_demo(argv: list[str] | None = None) -> dict[str, Any]:
         demo = demo_chain.parse_demo_settings(args.demo)
     print_config(cfg)
     print("[demo] demo settings: " + json.dumps(asdict(demo)), flush=True)
-    init_ray()
+    init_ray(run_dir=cfg.resolved_output_dir())
     return demo_chain.run_demo(cfg, demo)
 
 
