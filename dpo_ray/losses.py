@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -51,33 +52,78 @@ def compute_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask
     return torch.where(mask, token_logps, torch.zeros_like(token_logps)).sum(dim=-1)
 
 
+class _TargetLogSoftmax(torch.autograd.Function):
+    """[n] ``log_softmax(logits)[i, targets[i]]`` from [n, V] logits, with a backward that allocates one [n, V].
+
+    Autograd's own ``gather - logsumexp`` backward holds about four [n, V] temporaries at once (the
+    difference, its exp, their product, gather's zero-filled gradient); this one builds
+    ``d/dlogits = g * (onehot(target) - softmax)`` in place in a single buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, targets, lse)
+        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        grad_logits = (logits - lse.unsqueeze(-1)).exp_()  # softmax
+        grad_logits.mul_(-grad.unsqueeze(-1))
+        grad_logits.scatter_add_(-1, targets.unsqueeze(-1), grad.unsqueeze(-1))
+        return grad_logits, None
+
+
+def _chunk_token_logps(
+    hidden: torch.Tensor, targets: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """[n] fp32 log p(target) of one chunk: its [n, V] logits live only inside this call."""
+    return _TargetLogSoftmax.apply(head(hidden).float(), targets)
+
+
 def compute_token_logps_chunked(
     hidden: torch.Tensor,
     targets: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor],
     chunk_size: int = 1024,
 ) -> torch.Tensor:
-    """Log-prob of each target token from the hidden state that predicts it, chunk by chunk.
+    """Log-prob of each target token from the hidden state that predicts it, one chunk of logits at a time.
 
-    Only the given positions go through the output head, ``chunk_size`` rows at a time, so full
-    ``[tokens x vocab]`` fp32 logits are never materialized for prompt positions (or at all).
+    Only the given positions go through the output head, ``chunk_size`` rows at a time, and at most one
+    chunk's ``[chunk_size, V]`` logits (with the temporaries of its log-softmax) exists at any moment, in
+    the forward and in the backward: with grad enabled each chunk runs under non-reentrant
+    ``torch.utils.checkpoint``, which keeps only the chunk's hidden states and recomputes its logits when
+    the backward reaches it, one chunk after the other. The cost is one more head matmul per chunk in the
+    backward; without grad (the reference pass, evaluation) nothing is recomputed. Peak memory is thus
+    independent of the number of tokens; it grows with the vocabulary only through one chunk (measured by
+    tests/test_fused_head.py and benchmarks/head_memory.py). The first checkpointed call of a process
+    imports ``torch._dynamo`` (torch.utils.checkpoint does; about 70 MiB of RSS, once).
+
+    ``head`` is called as given (the module, not its weight), so a tied embedding, a LoRA-wrapped head or
+    an FSDP unit gets its gradient and its hooks as in the model's own forward, recompute included.
 
     Args:
         hidden: [N, H] hidden states at the positions that predict each response token.
         targets: [N] the response token ids.
-        head: maps [n, H] hidden states to [n, V] logits (the model's lm_head).
+        head: maps [n, H] hidden states to [n, V] logits: the model's lm_head with the family's logit
+            transform (:func:`dpo_ray.families.output_head`); any dtype, the log-softmax is fp32.
         chunk_size: rows per chunk.
 
     Returns:
         [N] fp32 log p(target | prefix).
     """
-    out = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        logits = head(hidden[start : start + chunk_size]).float()
-        tgt = targets[start : start + chunk_size]
-        out.append(logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1))
-    if not out:
+    if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
+    recompute = torch.is_grad_enabled()
+    out = []
+    # split, not slicing: each chunk's backward then hands back a [chunk, H] gradient, not a zero-filled [N, H]
+    for hidden_chunk, target_chunk in zip(hidden.split(chunk_size), targets.split(chunk_size)):
+        if recompute:
+            # the RNG state is kept (the default) so that a head with dropout (LoRA) recomputes the same mask
+            out.append(checkpoint(_chunk_token_logps, hidden_chunk, target_chunk, head, use_reentrant=False))
+        else:
+            out.append(_chunk_token_logps(hidden_chunk, target_chunk, head))
     return torch.cat(out)
 
 

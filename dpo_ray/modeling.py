@@ -94,7 +94,9 @@ class PairLogProbs(nn.Module):
     turned off, with one log line, for families whose attention it cannot reproduce (``self.prefix_sharing``
     holds the layout in use, so build batches with :meth:`build_batch`). ``response_only`` sends only the
     hidden states that predict response tokens through the output head (with the family's logit
-    transform), ``chunk_size`` rows at a time, instead of materializing ``[B, T, V]`` logits.
+    transform), ``chunk_size`` rows at a time, instead of materializing ``[B, T, V]`` logits; the head is
+    fused with the log-softmax (:func:`~dpo_ray.losses.compute_token_logps_chunked`), so one chunk's
+    ``[chunk_size, V]`` logits exist at a time in the backward too (each chunk's are recomputed there).
     """
 
     def __init__(self, lm: nn.Module, prefix_sharing: bool = True, chunk_size: int = 1024, response_only: bool = True):

@@ -1,0 +1,222 @@
+"""The fused log-prob head (``dpo_ray.losses.compute_token_logps_chunked``): values, gradients and memory.
+
+The plain path it must equal is the whole ``[N, V]`` logits at once: ``log_softmax(transform(head(h)))``.
+Gradients are checked with a random weight per token (as DPO's per-pair sigmoid weights them), for the
+hidden states, an untied and a tied head weight and every logit transform of :mod:`dpo_ray.families`;
+end to end, every parameter's gradient through :class:`~dpo_ray.modeling.PairLogProbs` must equal the one
+through the model's own ``forward().logits``, for a tied soft-capped Gemma 2, an untied Llama and a LoRA
+adapter on Llama's ``lm_head``. Memory is counted with torch's ``MemTracker`` (live tensor storages).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpo_ray.families import LogitTransform, output_head
+from dpo_ray.losses import compute_token_logps_chunked
+from dpo_ray.modeling import PairLogProbs
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+TRANSFORMS = {
+    "none": LogitTransform(),
+    "gemma-softcap": LogitTransform((("softcap", 5.0),)),
+    "cohere-scale": LogitTransform((("mul", 0.5),)),
+    "granite-scaling": LogitTransform((("div", 4.0),)),
+}
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+class TinyLM(nn.Module):
+    """Embedding -> one tanh layer -> lm_head, optionally tied to the embedding (as Gemma and small Qwens)."""
+
+    def __init__(self, vocab: int, hidden: int, tied: bool):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.mix = nn.Linear(hidden, hidden)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        if tied:
+            self.lm_head.weight = self.embed.weight
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.mix(self.embed(ids)))
+
+
+def plain_token_logps(hidden, targets, head) -> torch.Tensor:
+    """[N] log-probs from the whole [N, V] logits at once: the oracle."""
+    return torch.log_softmax(head(hidden).float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def token_logps_and_grads(lm: TinyLM, transform: LogitTransform, ids, targets, weights, fused_chunk: int | None):
+    """([N] log-probs, grad of the hidden states, {param name: grad}) of ``sum(weights * logps)``."""
+    lm.zero_grad(set_to_none=True)
+    hidden = lm.hidden_states(ids)
+    hidden.retain_grad()
+    head = output_head(lm, transform)
+    if fused_chunk is None:
+        logps = plain_token_logps(hidden, targets, head)
+    else:
+        logps = compute_token_logps_chunked(hidden, targets, head, chunk_size=fused_chunk)
+    (logps * weights).sum().backward()
+    return logps.detach(), hidden.grad, {n: p.grad.clone() for n, p in lm.named_parameters()}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS), ids=list(TRANSFORMS))
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+def test_fused_head_values_and_gradients_equal_the_plain_path_in_fp32(transform, tied, chunk_size):
+    torch.manual_seed(0)
+    lm = TinyLM(vocab=50, hidden=12, tied=tied)
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.normal_(0.0, 0.5)  # wide, so that the soft-cap saturates for some logits
+    ids, targets = torch.randint(0, 50, (23,)), torch.randint(0, 50, (23,))
+    weights = torch.randn(23)  # per-token upstream gradients, as DPO's per-pair weights make them
+    want = token_logps_and_grads(lm, TRANSFORMS[transform], ids, targets, weights, fused_chunk=None)
+    got = token_logps_and_grads(lm, TRANSFORMS[transform], ids, targets, weights, fused_chunk=chunk_size)
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    torch.testing.assert_close(got[1], want[1], **TOL)
+    assert set(got[2]) == set(want[2]) == ({"embed.weight", "mix.weight", "mix.bias"} | ({"lm_head.weight"}
+                                                                                      if not tied else set()))
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+class CountingHead(nn.Module):
+    """A linear head that counts its calls."""
+
+    def __init__(self, hidden: int, vocab: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, vocab, bias=False)
+        self.calls = 0
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.linear(hidden)
+
+
+def test_the_head_runs_once_per_chunk_without_grad_and_twice_with_a_backward():
+    head = CountingHead(8, 30)
+    hidden, targets = torch.randn(10, 8, requires_grad=True), torch.randint(0, 30, (10,))
+    with torch.no_grad():  # the reference pass and evaluation: nothing saved, nothing recomputed
+        compute_token_logps_chunked(hidden, targets, head, chunk_size=3)
+    assert head.calls == 4
+    head.calls = 0
+    logps = compute_token_logps_chunked(hidden, targets, head, chunk_size=3)
+    assert head.calls == 4
+    logps.sum().backward()
+    assert head.calls == 8  # one recompute per chunk in the backward
+    assert hidden.grad is not None and head.linear.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------- end to end, every parameter
+
+FAMILY_COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+E2E = {
+    "gemma2-tied-softcap": ("gemma2", dict(head_dim=8, final_logit_softcapping=5.0, tie_word_embeddings=True), False),
+    "llama-untied": ("llama", dict(tie_word_embeddings=False), False),
+    "llama-lora-on-lm_head": ("llama", dict(tie_word_embeddings=False), True),
+}
+PAIRS = [([5, 6, 7, 8], [9, 10, 11], [12, 13]), ([20, 21], [22, 23, 24, 25, 26], [27]), ([30, 31, 32], [33], [34, 35])]
+
+
+def build_e2e_model(case: str) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, overrides, lora = E2E[case]
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **FAMILY_COMMON, **overrides),
+                                          attn_implementation="eager")
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 0.1)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        lm = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["lm_head", "q_proj"],
+                                           init_lora_weights=False))
+    return lm.eval()
+
+
+def pair_logps_and_grads(lm: nn.Module, response_only: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    lm.zero_grad(set_to_none=True)
+    scorer = PairLogProbs(lm, prefix_sharing=True, chunk_size=3, response_only=response_only)
+    chosen, rejected = scorer(scorer.build_batch(PAIRS, pad_id=0))
+    (chosen.sum() - 0.7 * rejected.sum()).backward()
+    grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.requires_grad}
+    return torch.stack([chosen, rejected]).detach(), grads
+
+
+@pytest.mark.parametrize("case", list(E2E))
+def test_every_parameter_gradient_equals_the_models_own_forward_in_fp32(case):
+    lm = build_e2e_model(case)
+    want_logps, want = pair_logps_and_grads(lm, response_only=False)
+    got_logps, got = pair_logps_and_grads(lm, response_only=True)
+    torch.testing.assert_close(got_logps, want_logps, **TOL)
+    if E2E[case][2]:
+        assert any("lm_head" in n and "lora" in n for n in got), "the LoRA adapter on lm_head gets a gradient"
+    assert set(got) == set(want) and all(g.abs().max() > 0 for g in got.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def old_token_logps(hidden, targets, head, chunk_size):
+    """The chunked loop before the fused head, verbatim: every chunk's logits stay saved for the backward."""
+    out = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = head(hidden[start : start + chunk_size]).float()
+        tgt = targets[start : start + chunk_size]
+        out.append(logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1))
+    return torch.cat(out)
+
+
+MEM_HIDDEN, MEM_CHUNK = 16, 32
+# Peak of a fused step in fp32 [chunk, V] logits, measured 2.5 and 3.5: the recomputed chunk's logits, their
+# gradient, the head weight's gradient (half a chunk at H=16, chunk 32), and for the soft-cap its saved tanh.
+BOUND = {"none": 3.0, "gemma-softcap": 4.0}
+
+
+def measure_step_peak(fn, tokens: int, vocab: int, transform: str) -> int:
+    """Peak bytes of the tensors live during forward + backward of ``sum(w * fn(...))``, beyond its inputs.
+
+    The head is ``F.linear`` on a weight rather than an ``nn.Linear``: MemTracker refuses a module called
+    more than once per step (the chunks call it once each); the tensors are the same.
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    torch.manual_seed(0)
+    weight = torch.randn(vocab, MEM_HIDDEN, requires_grad=True)
+    hidden = torch.randn(tokens, MEM_HIDDEN, requires_grad=True)
+    targets, weights = torch.randint(0, vocab, (tokens,)), torch.randn(tokens)
+    tracker = MemTracker()
+    tracker.track_external(weight, hidden, targets, weights)
+    with tracker:
+        before = tracker.get_tracker_snapshot("current")[torch.device("cpu")]["Total"]
+        logps = fn(hidden, targets, lambda h: TRANSFORMS[transform](F.linear(h, weight)), MEM_CHUNK)
+        (logps * weights).sum().backward()
+    assert weight.grad is not None and hidden.grad is not None
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] - before
+
+
+@pytest.mark.parametrize("transform", ["none", "gemma-softcap"])
+def test_fused_head_peak_is_one_chunk_of_logits_whatever_the_number_of_tokens(transform):
+    for vocab in (4096, 16384):
+        chunk_logits = MEM_CHUNK * vocab * 4  # one fp32 [chunk, V]
+        fused = {n: measure_step_peak(compute_token_logps_chunked, n * MEM_CHUNK, vocab, transform) for n in (4, 16)}
+        old = {n: measure_step_peak(old_token_logps, n * MEM_CHUNK, vocab, transform) for n in (4, 16)}
+        in_chunks = {side: [round(v / chunk_logits, 2) for v in d.values()]
+                     for side, d in (("fused", fused), ("old", old))}
+        print(f"{transform} V={vocab}: peak in chunk logits at 4 and 16 chunks: {in_chunks}")
+        assert fused[16] < BOUND[transform] * chunk_logits
+        assert fused[16] < 1.1 * fused[4]  # flat in tokens
+        assert old[16] - old[4] >= 12 * chunk_logits  # the old loop kept each of the 12 more chunks' logits
