@@ -17,6 +17,7 @@ from dpo_ray.epochs import split_micro_batches
 from dpo_ray.losses import LossType, compute_dpo_loss, compute_pair_accuracy, compute_pair_accuracy_strict
 from dpo_ray.modeling import PairLogProbs, build_reference, disabled_adapter
 from dpo_ray.precision import PrecisionRecipe, in_eval_mode, resolve_config_precision
+from dpo_ray.shard_columns import ShardColumns, count_row_tokens, list_row_ids, read_shard_columns
 from dpo_ray.tracking import format_eta
 
 EVAL_KEYS = (
@@ -32,8 +33,15 @@ EVAL_KEYS = (
 )
 
 
+# PairRow attribute -> shard column
+PAIR_TOKEN_FIELDS = {"prompt": "prompt_ids", "chosen": "chosen_ids", "rejected": "rejected_ids"}
+PAIR_FLOAT_FIELDS = {"ref_chosen": "ref_chosen_logps", "ref_rejected": "ref_rejected_logps"}  # precomputed only
+
+
 @dataclass
 class PairRow:
+    """One pair, made from the shard's columns when a micro-batch needs it."""
+
     row_id: str
     prompt: list[int]
     chosen: list[int]
@@ -49,25 +57,10 @@ class PairRow:
         return self.prompt, self.chosen, self.rejected
 
 
-def collect_shard_rows(shard) -> list[PairRow]:
-    """All rows of this worker's shard, in shard order (the shard is deterministic, see DataConfig)."""
-    rows: list[PairRow] = []
-    if shard is None:
-        return rows
-    for batch in shard.iter_batches(batch_size=1024, batch_format="numpy", prefetch_batches=0):
-        has_ref = "ref_chosen_logps" in batch
-        for i in range(len(batch["row_id"])):
-            rows.append(
-                PairRow(
-                    row_id=str(batch["row_id"][i]),
-                    prompt=[int(t) for t in batch["prompt_ids"][i]],
-                    chosen=[int(t) for t in batch["chosen_ids"][i]],
-                    rejected=[int(t) for t in batch["rejected_ids"][i]],
-                    ref_chosen=float(batch["ref_chosen_logps"][i]) if has_ref else 0.0,
-                    ref_rejected=float(batch["ref_rejected_logps"][i]) if has_ref else 0.0,
-                )
-            )
-    return rows
+def collect_shard_rows(shard) -> ShardColumns:
+    """All rows of this worker's shard, in shard order (the shard is deterministic, see DataConfig), held as
+    int32 columns; indexing makes a :class:`PairRow` (see :mod:`dpo_ray.shard_columns`)."""
+    return read_shard_columns(shard, PAIR_TOKEN_FIELDS, PairRow, PAIR_FLOAT_FIELDS)
 
 
 class DPOStepper:
@@ -171,7 +164,8 @@ def evaluate(
     weight 0), so FSDP's collectives stay matched. ``model``: what to score with (default: the FSDP-wrapped
     model under FSDP, else the unwrapped scorer).
     """
-    order = sorted(range(len(rows)), key=lambda i: (rows[i].num_tokens, rows[i].row_id))  # whatever the shard order
+    lengths, ids = count_row_tokens(rows), list_row_ids(rows)
+    order = sorted(range(len(rows)), key=lambda i: (lengths[i], ids[i]))  # whatever the shard order
     batches = split_micro_batches(order, micro_batch_size)
     n_batches = int(all_reduce_max(float(len(batches)), stepper.device))
     sums = dict.fromkeys(EVAL_KEYS, 0.0)

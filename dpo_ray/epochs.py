@@ -10,20 +10,21 @@ import torch
 from dpo_ray.batching import order_by_length_buckets
 from dpo_ray.checkpointing import TrainState
 from dpo_ray.config import Config
+from dpo_ray.shard_columns import count_row_tokens
 
 
 def plan_epoch(rows: Sequence, pairs_per_step: int, seed: int, epoch: int, bucketing: bool,
                shuffle: bool = True) -> list[list[int]]:
     """Batches (lists of row indices) of one epoch; the same on every run for the same seed and epoch.
 
-    ``rows`` need a ``num_tokens`` (for bucketing). ``shuffle=False`` keeps the rows' own order
-    (consecutive ``pairs_per_step`` rows per step, no bucketing).
+    ``rows``: a :class:`~dpo_ray.shard_columns.ShardColumns` or rows with a ``num_tokens`` (for bucketing).
+    ``shuffle=False`` keeps the rows' own order (consecutive ``pairs_per_step`` rows per step, no bucketing).
     """
     if not shuffle:
         return [list(range(i, min(i + pairs_per_step, len(rows)))) for i in range(0, len(rows), pairs_per_step)]
     gen = torch.Generator().manual_seed(seed * 1000003 + epoch)
     if bucketing:
-        return order_by_length_buckets([r.num_tokens for r in rows], pairs_per_step, gen)
+        return order_by_length_buckets(count_row_tokens(rows), pairs_per_step, gen)
     perm = torch.randperm(len(rows), generator=gen).tolist()
     return [perm[i : i + pairs_per_step] for i in range(0, len(perm), pairs_per_step)]
 
@@ -48,7 +49,7 @@ class EpochPlanner:
                 if not self.plan:
                     raise ValueError("no training rows in this worker's shard")
             if state.batch_in_epoch < len(self.plan):
-                return [self.rows[i] for i in self.plan[state.batch_in_epoch]]
+                return [self.rows[i] for i in self.plan[state.batch_in_epoch]]  # made here, only the step's rows
             state.epoch += 1
             state.batch_in_epoch = 0
 

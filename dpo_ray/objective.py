@@ -13,7 +13,9 @@ from dpo_ray.sft_objective import SFTObjective
 
 
 class Objective(Protocol):
-    """One training objective. Rows have ``row_id`` and ``num_tokens``.
+    """One training objective. ``read_rows`` gives the worker's shard as a sequence of rows (a
+    :class:`~dpo_ray.shard_columns.ShardColumns`, which makes a row object only when it is indexed); rows have
+    ``row_id`` and ``num_tokens``.
 
     ``compute_micro`` returns (the tensor to backward, already weighted as the micro-batch's share of the
     step; the [] unweighted loss, checked for NaN/inf; float sums over the micro-batch, keyed by
@@ -28,7 +30,7 @@ class Objective(Protocol):
     def __init__(self, cfg: Config, lm: torch.nn.Module, pad_id: int, device: torch.device): ...
 
     @staticmethod
-    def read_rows(shard) -> list: ...
+    def read_rows(shard) -> Sequence: ...
 
     def trainable_module(self) -> torch.nn.Module: ...
 

@@ -15,10 +15,13 @@ import torch
 from dpo_ray.batching import build_sft_batch
 from dpo_ray.config import Config
 from dpo_ray.distributed import all_reduce_max, all_reduce_sum
+from dpo_ray.epochs import split_micro_batches
 from dpo_ray.modeling import compute_response_nll
 from dpo_ray.precision import in_eval_mode, resolve_config_precision
+from dpo_ray.shard_columns import ShardColumns, read_shard_columns
 
 SFT_EVAL_KEYS = ("nll_sum", "tokens", "count")
+SFT_TOKEN_FIELDS = {"prompt": "prompt_ids", "response": "response_ids"}  # SFTExample attribute -> shard column
 
 
 @dataclass
@@ -37,15 +40,10 @@ class SFTExample:
         return self.prompt, self.response
 
 
-def collect_sft_examples(shard) -> list[SFTExample]:
-    """All rows of this worker's shard, in shard order."""
-    examples: list[SFTExample] = []
-    if shard is None:
-        return examples
-    for batch in shard.iter_batches(batch_size=1024, batch_format="numpy", prefetch_batches=0):
-        for row_id, prompt, response in zip(batch["row_id"], batch["prompt_ids"], batch["response_ids"]):
-            examples.append(SFTExample(str(row_id), [int(t) for t in prompt], [int(t) for t in response]))
-    return examples
+def collect_sft_examples(shard) -> ShardColumns:
+    """All rows of this worker's shard, in shard order, held as int32 columns; indexing makes an
+    :class:`SFTExample` (see :mod:`dpo_ray.shard_columns`)."""
+    return read_shard_columns(shard, SFT_TOKEN_FIELDS, SFTExample)
 
 
 @torch.no_grad()
@@ -56,7 +54,7 @@ def evaluate_sft(lm: torch.nn.Module, examples: Sequence[SFTExample], pad_id: in
     Every worker runs the same number of forward passes (a shorter shard repeats its last chunk without
     counting it), so FSDP's collectives stay matched. ``autocast``: a context factory (the precision recipe's).
     """
-    chunks = [examples[s : s + micro_batch_size] for s in range(0, len(examples), micro_batch_size)]
+    chunks = split_micro_batches(list(range(len(examples))), micro_batch_size)  # row indices
     n_chunks = int(all_reduce_max(float(len(chunks)), device))
     sums = dict.fromkeys(SFT_EVAL_KEYS, 0.0)
     with in_eval_mode(lm):
@@ -64,8 +62,9 @@ def evaluate_sft(lm: torch.nn.Module, examples: Sequence[SFTExample], pad_id: in
             chunk = chunks[c] if c < len(chunks) else (chunks[-1] if chunks else [])
             if not chunk:
                 continue
+            batch = build_sft_batch([examples[i].as_example() for i in chunk], pad_id, device)
             with autocast() if autocast else contextlib.nullcontext():
-                nll, tokens = compute_response_nll(lm, build_sft_batch([e.as_example() for e in chunk], pad_id, device))
+                nll, tokens = compute_response_nll(lm, batch)
             if c < len(chunks):
                 sums["nll_sum"] += nll.item()
                 sums["tokens"] += tokens.item()

@@ -359,3 +359,88 @@ def test_epoch_planner_walks_the_plan_and_moves_the_state_to_the_next_epoch():
     assert (state.epoch, state.batch_in_epoch) == (1, 1)
     resumed = EpochPlanner(rows, 2, build_config(None, ["train.shuffle=false"]))  # a resume: a fresh planner
     assert [r.row_id for r in resumed.take_step_rows(state)] == ["2", "3"]
+
+
+class ArrowShard:
+    """A stand-in for a worker's Ray Data shard: Arrow batches of ``batch_rows`` rows, each a slice of one table
+    (so list columns come with offsets that do not start at 0, as slices of Ray blocks do)."""
+
+    def __init__(self, table, batch_rows: int = 3):
+        self.table, self.batch_rows = table, batch_rows
+
+    def iter_batches(self, batch_size, batch_format, prefetch_batches):
+        assert batch_format == "pyarrow"
+        for start in range(0, self.table.num_rows, self.batch_rows):
+            yield self.table.slice(start, self.batch_rows)
+
+
+def make_pair_table(n: int, with_reference: bool = True):
+    """``n`` pairs with ids above the small-int range, of varying lengths, and float64 reference log-probs."""
+    import pyarrow as pa
+
+    gen = torch.Generator().manual_seed(0)
+    ids = lambda k: torch.randint(0, 70000, (k,), generator=gen).tolist()  # noqa: E731
+    data = {
+        "row_id": [f"hh.jsonl:{i}" for i in range(n)],
+        "prompt_ids": [ids(1 + i % 7) for i in range(n)],
+        "chosen_ids": [ids(1 + i % 3) for i in range(n)],
+        "rejected_ids": [ids(2 + i % 5) for i in range(n)],
+    }
+    types = {"row_id": pa.string(), **{k: pa.list_(pa.int32()) for k in ("prompt_ids", "chosen_ids", "rejected_ids")}}
+    if with_reference:
+        data["ref_chosen_logps"] = [-1.0 / (i + 3) for i in range(n)]
+        data["ref_rejected_logps"] = [-2.0 / (i + 7) for i in range(n)]
+        types.update(ref_chosen_logps=pa.float64(), ref_rejected_logps=pa.float64())
+    return pa.table({k: pa.array(v, type=types[k]) for k, v in data.items()}), data
+
+
+@pytest.mark.parametrize("with_reference", [True, False])
+def test_shard_columns_make_the_same_rows_as_python_lists(with_reference):
+    import numpy as np
+
+    from dpo_ray.dpo import PairRow, collect_shard_rows
+
+    table, data = make_pair_table(11, with_reference)
+    store = collect_shard_rows(ArrowShard(table))
+    refs = (data["ref_chosen_logps"], data["ref_rejected_logps"]) if with_reference else ([0.0] * 11, [0.0] * 11)
+    expected = [PairRow(*fields) for fields in zip(data["row_id"], data["prompt_ids"], data["chosen_ids"],
+                                                   data["rejected_ids"], *refs)]
+    assert len(store) == 11 and list(store) == expected and store[-1] == expected[-1] and store[2:5] == expected[2:5]
+    assert all(type(t) is int for t in store[4].prompt) and type(store[4].ref_chosen) is float
+    assert store.num_tokens.tolist() == [r.num_tokens for r in expected]
+    assert store.tokens["prompt"].values.dtype == np.int32 and store.tokens["prompt"].offsets.dtype == np.int64
+    assert all(f.values.base is None for f in store.tokens.values())  # copies: no batch's buffer is kept alive
+    tokens = sum(r.num_tokens for r in expected)
+    assert store.nbytes < 4 * tokens + 200 * 11  # int32 ids plus a little per row
+    with pytest.raises(IndexError, match="row 11 of a shard of 11 rows"):
+        store[11]
+    assert len(collect_shard_rows(None)) == 0
+
+
+def test_epoch_plans_and_eval_order_are_the_same_on_columns_and_on_row_lists():
+    from dpo_ray.dpo import collect_shard_rows
+    from dpo_ray.epochs import plan_epoch
+    from dpo_ray.shard_columns import count_row_tokens, list_row_ids
+
+    store = collect_shard_rows(ArrowShard(make_pair_table(40)[0]))
+    rows = list(store)
+    for bucketing in (True, False):
+        for epoch in (0, 1):
+            assert plan_epoch(store, 4, 3, epoch, bucketing) == plan_epoch(rows, 4, 3, epoch, bucketing)
+    assert count_row_tokens(store) == count_row_tokens(rows) and list_row_ids(store) == list_row_ids(rows)
+
+
+def test_shard_columns_name_the_row_or_column_of_bad_data():
+    import pyarrow as pa
+
+    from dpo_ray.dpo import collect_shard_rows
+
+    table, _ = make_pair_table(5)
+    chosen = pa.array([[1], [2], None, [4], [5]], type=pa.list_(pa.int32()))
+    with pytest.raises(ValueError, match="row hh.jsonl:2: chosen_ids is null"):
+        collect_shard_rows(ArrowShard(table.set_column(2, "chosen_ids", chosen)))
+    with pytest.raises(ValueError, match="no column 'rejected_ids'"):
+        collect_shard_rows(ArrowShard(table.drop_columns(["rejected_ids"])))
+    huge = pa.array([[1], [2], [3], [2**40], [5]], type=pa.list_(pa.int64()))
+    with pytest.raises(ValueError, match="column 'chosen_ids': token ids must be int32-sized"):
+        collect_shard_rows(ArrowShard(table.set_column(2, "chosen_ids", huge)))

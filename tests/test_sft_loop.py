@@ -78,3 +78,27 @@ def test_sft_trains_and_evaluates_under_the_precision_recipe(tiny_model_dir, mon
     assert seen == [torch.bfloat16, torch.bfloat16]
     assert sums["tokens"] == 5 and weighted.item() == pytest.approx(loss.item() / 5)
     assert metrics["eval_examples"] == 2 and metrics["eval_loss"] > 0
+
+
+def test_sft_rows_read_as_columns_evaluate_as_the_row_list_does(tiny_model_dir, single_torch_thread):
+    """The worker's SFT shard is held as int32 columns; its rows and eval metrics equal those of the row list."""
+    import pyarrow as pa
+
+    from dpo_ray.sft_objective import collect_sft_examples
+
+    rows = [SFTExample(f"r{i}", [1, 40 + i, 300 + i], [50 + i] * (1 + i % 3) + [2]) for i in range(5)]
+    table = pa.table({"row_id": [r.row_id for r in rows], "prompt_ids": [r.prompt for r in rows],
+                      "response_ids": [r.response for r in rows]},
+                     schema=pa.schema([("row_id", pa.string()), ("prompt_ids", pa.list_(pa.int32())),
+                                       ("response_ids", pa.list_(pa.int32()))]))
+
+    class Shard:
+        def iter_batches(self, batch_size, batch_format, prefetch_batches):
+            yield from (table.slice(s, 2) for s in range(0, table.num_rows, 2))
+
+    store = collect_sft_examples(Shard())
+    assert list(store) == rows and store.num_tokens.tolist() == [r.num_tokens for r in rows]
+    cfg = build_config(None, ["train.micro_batch_size=2"])
+    lm = build_policy(cfg, tiny_model_dir, torch.device("cpu"), None)
+    objective = SFTObjective(cfg, lm, pad_id=0, device=torch.device("cpu"))
+    assert objective.evaluate(store, lm) == objective.evaluate(rows, lm)
