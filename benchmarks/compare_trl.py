@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """dpo-ray against TRL 1.16's DPOTrainer: same model, pairs, batch, steps, optimizer and learning rate.
 
-    .venv/bin/python benchmarks/compare_trl.py                 # CPU comparison (a few minutes on 2 cores)
-    .venv/bin/python benchmarks/compare_trl.py --pairs 64      # quick smoke run
+    .venv/bin/python benchmarks/compare_trl.py                 # CPU comparison (about 15 min on 2 cores)
+    .venv/bin/python benchmarks/compare_trl.py --vocab 8192,151936 --sweep-trials 4   # + Qwen2.5's head, sweep cost
+    .venv/bin/python benchmarks/compare_trl.py --pairs 32 --steps 2 --quiet-wait 0     # quick smoke run
     .venv/bin/python benchmarks/compare_trl.py --gpu           # Qwen2.5-0.5B/1.5B-shaped models, bf16, one GPU
 
 Each side runs in its own subprocess, one after the other; this process only prepares the inputs and
@@ -13,16 +14,22 @@ watches the subprocess tree. What it prints, per side:
 * training only: pairs/s over the framework's own training time (dpo-ray ``train_seconds``, TRL
   ``train_runtime``; TRL's includes its per-step reference forward, dpo-ray's reference pass is in data prep);
 * peak memory: the largest sum, over the subprocess and all its descendants (for dpo-ray: the driver, Ray's
-  GCS, raylet, dashboard and agents, idle workers, Ray Data actors and the Ray Train workers), of their
-  resident set sizes (RSS), sampled every 0.2 s; the same sum of PSS (shared pages split between the
-  processes that map them, sampled every 2 s); and the peak RSS of the training process(es) alone;
+  GCS, raylet, agents (and the dashboard, where the run starts it), idle workers, Ray Data actors and the Ray
+  Train workers), of their resident set sizes (RSS), sampled every 0.2 s; the same sum of PSS (shared pages split
+  between the processes that map them, sampled every 2 s); and the peak RSS of the training process(es) alone;
 * the per-step DPO losses: step 1 (computed before any update: ln 2 for both) and the mean over each
-  quarter of the run.
+  quarter of the run;
+* the issue's targets for the case (``--vocab`` 8,192 and 151,936: :data:`VOCAB_TARGETS`).
+
+``--vocab N[,N...]`` runs one comparison per output-head size (8,192: the Llama-shaped model; any other N: the
+same body under a tied Qwen2-style head of N rows). ``--sweep-trials K`` adds, on the first case, a K-trial
+``workflows/sweep.py`` against a single run with a trial's settings (:func:`print_sweep_cost`).
 
 The inputs are built once in the work dir: a random-init Llama-shaped model with a tokenizer trained on the
-HH sample (``dpo_ray.tiny_model``), and the pairs as explicit prompt/chosen/rejected JSONL. The pairs are the
-first N rows of ``data/hh_rlhf_harmless_1800.jsonl.gz`` whose prompt + longer response fit ``--max-length``
-and that both frameworks tokenize to the same token ids, so both train on exactly the same tokens.
+HH sample (``dpo_ray.tiny_model``; the head cases reuse that tokenizer), and the pairs as explicit
+prompt/chosen/rejected JSONL. The pairs are the first N rows of ``data/hh_rlhf_harmless_1800.jsonl.gz`` whose
+prompt + longer response fit ``--max-length`` and that both frameworks tokenize to the same token ids, so both
+train on exactly the same tokens.
 """
 
 from __future__ import annotations
@@ -115,6 +122,52 @@ def build_cpu_model(work: Path, rows: list[dict], seed: int) -> str:
     return make_tiny_model(work / "model", texts, settings, seed=seed)
 
 
+def build_head_model(work: Path, vocab: int, rows: list[dict], seed: int) -> str:
+    """A random-init Qwen2 with a ``vocab``-row tied head on :data:`CPU_MODEL`'s body (fp32 files).
+
+    The tokenizer is the one the 8,192 case trains (same texts, same size), so both cases train on the same token
+    ids and differ only in the head; rows past the tokenizer's ids are never a label, as Qwen2.5's padding rows
+    (151,665 tokens, 151,936 rows), but every softmax runs over all of them.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from dpo_ray.tiny_model import train_tokenizer
+
+    out = work / f"model-qwen2-head-{vocab}"
+    if (out / "config.json").exists():
+        return str(out)
+    tokenizer = train_tokenizer([r["chosen"] + r["rejected"] for r in rows], CPU_MODEL["vocab_size"])
+    if vocab < len(tokenizer):
+        raise SystemExit(f"error: --vocab {vocab} is below the tokenizer's {len(tokenizer)} tokens")
+    config = Qwen2Config(hidden_size=CPU_MODEL["hidden_size"], num_hidden_layers=CPU_MODEL["num_layers"],
+                         num_attention_heads=CPU_MODEL["num_heads"], num_key_value_heads=CPU_MODEL["num_kv_heads"],
+                         intermediate_size=CPU_MODEL["intermediate_size"], vocab_size=vocab, tie_word_embeddings=True,
+                         max_position_embeddings=CPU_MODEL["max_position_embeddings"], rope_theta=1_000_000.0,
+                         rms_norm_eps=1e-6, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return str(out)
+
+
+def build_cpu_cases(work: Path, vocabs: list[int], rows: list[dict], seed: int) -> list[tuple[str, str]]:
+    """(label, model dir) per ``--vocab`` size: 8,192 is the Llama-shaped model of earlier results, any other size
+    the same body under a Qwen2-style tied head of that many rows."""
+    cases = []
+    for vocab in vocabs:
+        if vocab == CPU_MODEL["vocab_size"]:
+            cases.append(("llama", build_cpu_model(work, rows, seed)))
+        else:
+            cases.append((f"qwen2-head-{vocab}", build_head_model(work, vocab, rows, seed)))
+    return cases
+
+
 def build_gpu_model(work: Path, name: str, rows: list[dict], seed: int) -> str:
     """A random-init Qwen2 model with the shape of ``name`` and a locally trained BPE tokenizer (bf16 files)."""
     import torch
@@ -177,7 +230,7 @@ def build_pairs(work: Path, model_path: str, rows: list[dict], n_train: int, n_e
             break
         scanned += 1
         try:
-            pair = normalize_implicit(row)
+            pair, _rule = normalize_implicit(row)  # (text pair, the rule that split it)
         except InvalidRow:
             skipped["invalid"] += 1
             continue
@@ -233,6 +286,7 @@ class TreeMonitor(threading.Thread):
         self.stop_event = threading.Event()
         self.procs: dict[int, psutil.Process] = {root_pid: self.root}
         self.peak_rss = self.peak_pss = self.peak_train_rss = self.peak_gpu = 0
+        self.peak_one_train_rss = 0  # the largest single training process (each Ray Train worker on its own)
         self.peak_rss_at = self.peak_pss_at = 0.0
         self.peak_rss_breakdown: list[tuple[str, int]] = []
         self.per_process_peak: dict[int, tuple[str, int]] = {}
@@ -305,6 +359,7 @@ class TreeMonitor(threading.Thread):
                 breakdown.append((f"{pid} {title}", rss))
                 if self.is_train(proc, title, self.root.pid):
                     train += rss
+                    self.peak_one_train_rss = max(self.peak_one_train_rss, rss)
                 prev = self.per_process_peak.get(pid)
                 if prev is None or rss > prev[1]:
                     self.per_process_peak[pid] = (title, rss)
@@ -391,7 +446,8 @@ def base_env(run_dir: Path) -> dict:
     return env
 
 
-def dpo_ray_overrides(args, model_path: str, pairs: PairSet, run_dir: Path, gpu: bool) -> list[str]:
+def dpo_ray_overrides(args, model_path: str, pairs: PairSet, run_dir: Path, gpu: bool,
+                      cpus_per_worker: float | None = None) -> list[str]:
     sets = {
         "model.name_or_path": model_path,
         "data.train": pairs.train_file,
@@ -412,7 +468,7 @@ def dpo_ray_overrides(args, model_path: str, pairs: PairSet, run_dir: Path, gpu:
         "train.seed": args.seed,
         "train.log_every": 1,
         "scaling.num_workers": args.workers,
-        "scaling.cpus_per_worker": args.cpus_per_worker,
+        "scaling.cpus_per_worker": args.cpus_per_worker if cpus_per_worker is None else cpus_per_worker,
         "scaling.use_gpu": gpu,
         "output_dir": str(run_dir / "out"),
         "run_name": "bench",
@@ -433,23 +489,40 @@ def is_trl_process(proc, title: str, root_pid: int) -> bool:
     return proc.pid == root_pid  # TRL trains in the process we started
 
 
-def run_dpo_ray(args, model_path: str, pairs: PairSet, work: Path, gpu: bool) -> dict:
-    run_dir = work / "runs" / f"dpo-ray-{time.strftime('%Y%m%d-%H%M%S')}"
+def new_run_dir(work: Path, label: str) -> Path:
+    run_dir = work / "runs" / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def launch_dpo_ray(args, label: str, command: str, sets: list[str], run_dir: Path, gpu: bool) -> tuple:
+    """``_dpo_ray_worker.py`` (train or sweep) in a fresh local Ray instance, watched by a :class:`TreeMonitor`.
+
+    Returns (run output, the worker's result JSON, its phase marks in seconds since the subprocess started, cmd).
+    """
     result_file = run_dir / "result.json"
     env = base_env(run_dir)
     env["RAY_ADDRESS"] = "local"  # a fresh local Ray instance: never join another job's cluster
-    cmd = [PYTHON, str(REPO / "benchmarks" / "_dpo_ray_worker.py"), str(result_file)]
+    cmd = [PYTHON, str(REPO / "benchmarks" / "_dpo_ray_worker.py"), str(result_file), "--command", command]
     if args.dpo_ray_init:
         cmd += ["--ray-init", args.dpo_ray_init]
-    cmd += ["--"] + [a for kv in dpo_ray_overrides(args, model_path, pairs, run_dir, gpu) for a in ("--set", kv)]
-    load = (wait_for_quiet(args.quiet_load, args.quiet_wait, "dpo-ray") if args.quiet_wait > 0
+    cmd += ["--"] + [a for kv in sets for a in ("--set", kv)]
+    load = (wait_for_quiet(args.quiet_load, args.quiet_wait, label) if args.quiet_wait > 0
             else {"load_at_start": load1()})
-    out = run_side("dpo-ray", cmd, env, run_dir / "output.log", is_driver if args.workers == 0 else is_ray_train_worker,
+    out = run_side(label, cmd, env, run_dir / "output.log", is_driver if args.workers == 0 else is_ray_train_worker,
                    gpu, args.timeout, load, args.sample_interval)
     save_monitor(out, run_dir)
     result = json.loads(result_file.read_text())
     marks = {k: v - out.start for k, v in result["marks"].items()}
+    return out, result, marks, cmd
+
+
+def run_dpo_ray(args, model_path: str, pairs: PairSet, work: Path, gpu: bool, label: str = "dpo-ray",
+                cpus_per_worker: float | None = None) -> dict:
+    """One ``workflows/train.py`` run; its timings, memory and losses."""
+    run_dir = new_run_dir(work, label)
+    sets = dpo_ray_overrides(args, model_path, pairs, run_dir, gpu, cpus_per_worker)
+    out, result, marks, cmd = launch_dpo_ray(args, label, "train", sets, run_dir, gpu)
     summary = result["summary"]
     losses = read_tensorboard_losses(run_dir / "out" / "tensorboard") or read_progress_losses(Path(out.log_file))
     return {"name": "dpo-ray", "run": out, "marks": marks, "job_s": marks["run_done"], "summary": summary,
@@ -510,6 +583,101 @@ def run_trl(args, model_path: str, pairs: PairSet, work: Path, gpu: bool) -> dic
             "steps": result["global_step"], "worker_peak_mb": result["ru_maxrss_mb"], "cmd": cmd}
 
 
+# ---------------------------------------------------------------------------------------------- sweep cost
+
+SWEEP_TRIAL_CPUS = 0.25  # dpo-ray's sweep.trial_cpus default: each trial's own function holds this share
+
+
+def count_ray_cpus() -> float:
+    """The CPUs a local Ray instance would see here (cgroup-aware, as Ray counts them)."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return float(get_num_cpus())
+    except Exception:
+        return float(os.cpu_count() or 1)
+
+
+def sweep_cpus_per_worker(args) -> float:
+    """CPUs per Ray Train worker of a trial (and of the single run it is compared with): ``--sweep-cpus-per-worker``,
+    or what one trial can hold next to its own function's share."""
+    if args.sweep_cpus_per_worker:
+        return args.sweep_cpus_per_worker
+    return (count_ray_cpus() - SWEEP_TRIAL_CPUS) / max(args.workers, 1)
+
+
+def sweep_overrides(args, k: int) -> list[str]:
+    """The sweep section for a cost measurement: K trials that differ only in beta (cost does not depend on it),
+    every one trained to the end (no ASHA), ``--sweep-concurrent`` at once, the single run's learning rate."""
+    return [f"sweep.num_samples={k}", f"sweep.max_concurrent_trials={args.sweep_concurrent}",
+            f"sweep.workers_per_trial={args.workers}", "sweep.asha=false", "sweep.beta_min=0.05", "sweep.beta_max=0.5",
+            f"sweep.lr_min={args.lr}", f"sweep.lr_max={args.lr}", f"sweep.trial_cpus={SWEEP_TRIAL_CPUS}"]
+
+
+def run_dpo_ray_sweep(args, model_path: str, pairs: PairSet, work: Path, cpus_per_worker: float) -> dict:
+    """One ``workflows/sweep.py`` run of ``--sweep-trials`` trials, each the single run's settings."""
+    run_dir = new_run_dir(work, "dpo-ray-sweep")
+    sets = dpo_ray_overrides(args, model_path, pairs, run_dir, False, cpus_per_worker) + sweep_overrides(
+        args, args.sweep_trials)
+    out, result, marks, cmd = launch_dpo_ray(args, "dpo-ray sweep", "sweep", sets, run_dir, False)
+    return {"name": "dpo-ray sweep", "run": out, "marks": marks, "job_s": marks["run_done"],
+            "summary": result["summary"], "cmd": cmd}
+
+
+def span_s(marks: dict, start: str, end: str) -> float:
+    return marks[end] - marks[start] if start in marks and end in marks else float("nan")
+
+
+def compute_sweep_cost(k: int, single: dict, sweep: dict) -> dict:
+    """The sweep's whole job against K copies of the single run (see :func:`print_sweep_cost`).
+
+    ``single`` / ``sweep``: :func:`run_dpo_ray` / :func:`run_dpo_ray_sweep` results. The yardsticks:
+    K separate runs (K x job); K runs that would share one reference pass (K x (job - ref) + ref); and the target,
+    1.15 x K x (one run's training loop) + one reference pass.
+    """
+    job, ref = single["job_s"], span_s(single["marks"], "reference_start", "reference_done")
+    train, fit = single["train_s"], span_s(single["marks"], "fit_start", "fit_done")
+    sweep_job = sweep["job_s"]
+    shared_ref = k * (job - ref) + ref
+    bound = 1.15 * k * train + ref
+    return {
+        "k": k, "single_job_s": job, "single_ref_s": ref, "single_train_s": train, "single_fit_s": fit,
+        "sweep_job_s": sweep_job, "sweep_ref_s": span_s(sweep["marks"], "reference_start", "reference_done"),
+        "k_separate_s": k * job, "k_shared_ref_s": shared_ref, "target_bound_s": bound,
+        "vs_separate": sweep_job / (k * job), "vs_shared_ref": sweep_job / shared_ref,
+        "overhead_factor": (sweep_job - ref) / (k * train),  # the target: <= 1.15
+        "target_met": sweep_job <= bound,
+    }
+
+
+def print_sweep_cost(args, cost: dict, single: dict, sweep: dict, cpus_per_worker: float, model_label: str) -> None:
+    """The sweep-cost lines: what a K-trial sweep costs next to K single runs and next to the target."""
+    k, summ = cost["k"], sweep["summary"]
+    sm, wm = single["run"].monitor, sweep["run"].monitor
+    statuses = ", ".join(f"{n} {c}" for n, c in (summ.get("statuses") or {}).items())
+    print()
+    print(f"=== sweep cost: {k} trials vs {k} single runs + one reference pass: {model_label} ===")
+    print(f"each trial = the single run: {args.workers} worker(s) x {cpus_per_worker:g} CPU (+ {SWEEP_TRIAL_CPUS:g} "
+          f"for the trial's own function), {args.steps} steps x batch {args.batch_size}; no ASHA, "
+          f"{args.sweep_concurrent} trial(s) at once")
+    print(f"  single run, whole job           {cost['single_job_s']:8.1f} s  = reference pass "
+          f"{cost['single_ref_s']:.1f} + training loop {cost['single_train_s']:.1f} "
+          f"(trainer.fit {cost['single_fit_s']:.1f}) + the rest; "
+          f"peak RSS tree {mb(sm.peak_rss)}, training proc. {mb(sm.peak_one_train_rss)}")
+    print(f"  sweep, whole job                {cost['sweep_job_s']:8.1f} s  = its reference pass "
+          f"{cost['sweep_ref_s']:.1f} ({summ.get('reference_passes')} pass(es)); trials' training loops "
+          f"{summ.get('trial_train_seconds_sum')} s, trials incl. start-up {summ.get('trial_seconds_sum')} s (sums); "
+          f"trials: {statuses}; peak RSS tree {mb(wm.peak_rss)}, training proc. {mb(wm.peak_one_train_rss)}")
+    print(f"  {k} separate single runs         {cost['k_separate_s']:8.1f} s  = {k} x job; "
+          f"sweep / that {cost['vs_separate']:.2f}x")
+    print(f"  {k} runs sharing one ref. pass   {cost['k_shared_ref_s']:8.1f} s  = {k} x (job - ref) + ref; "
+          f"sweep / that {cost['vs_shared_ref']:.2f}x")
+    verdict = "MET" if cost["target_met"] else "MISSED"
+    note = "" if k >= 4 else " (the target is for K >= 4)"
+    print(f"  target: sweep <= 1.15 x {k} x training loop + ref = {cost['target_bound_s']:.1f} s: {verdict}; "
+          f"(sweep - ref) / ({k} x training loop) = {cost['overhead_factor']:.2f} (<= 1.15){note}")
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -566,6 +734,7 @@ def print_report(args, sides: list[dict], pairs: PairSet, facts: dict, gpu_peak:
             "peak_rss": m.peak_rss,
             "peak_pss": m.peak_pss,
             "peak_train_rss": m.peak_train_rss,
+            "peak_one_train_rss": m.peak_one_train_rss,
             "self_reported_mb": s["worker_peak_mb"],
             "steps": s["steps"],
             "losses": s["losses"],
@@ -627,6 +796,9 @@ def print_report(args, sides: list[dict], pairs: PairSet, facts: dict, gpu_peak:
     line("peak PSS, process tree", mb(d["peak_pss"]), mb(t["peak_pss"]), d["peak_pss"] / t["peak_pss"])
     line("peak RSS, training proc.", mb(d["peak_train_rss"]), mb(t["peak_train_rss"]),
          d["peak_train_rss"] / t["peak_train_rss"])
+    if args.workers > 1:
+        line("  largest single worker", mb(d["peak_one_train_rss"]), mb(t["peak_one_train_rss"]),
+             d["peak_one_train_rss"] / t["peak_one_train_rss"])
     line("  self-reported ru_maxrss", f"{d['self_reported_mb']:,.0f} MB", f"{t['self_reported_mb']:,.0f} MB", None)
     if gpu_peak:
         line("peak GPU memory (smi)", mb(d["peak_gpu"]), mb(t["peak_gpu"]),
@@ -680,16 +852,36 @@ def print_report(args, sides: list[dict], pairs: PairSet, facts: dict, gpu_peak:
           "in this process's sampling thread")
     if gpu_peak:
         print(MFU_FORMULA)
-    targets = {
-        "whole-job throughput >= 2.0x TRL": d["job_pairs_s"] / t["job_pairs_s"] >= 2.0,
-        "peak memory (RSS, process tree) <= 0.7x TRL": d["peak_rss"] <= 0.7 * t["peak_rss"],
+    targets = {**vocab_targets(facts["vocab"], d, t), **loss_checks(ld, lt, qd, qt)}
+    print("targets: " + "; ".join(f"{k}: {'MET' if v else 'MISSED'}" for k, v in targets.items()))
+    return {"rows": rows, "targets": targets}
+
+
+# Issue 15's targets for the two CPU cases (dpo-ray / TRL); other vocabulary sizes get only the loss checks.
+VOCAB_TARGETS = {
+    8192: (("whole job >= 3x TRL's pairs/s", lambda d, t: d["job_pairs_s"] >= 3.0 * t["job_pairs_s"]),
+           ("training process peak RSS <= 1.0x TRL", lambda d, t: d["peak_one_train_rss"] <= t["peak_one_train_rss"]),
+           ("process tree peak RSS <= 1.0x TRL", lambda d, t: d["peak_rss"] <= t["peak_rss"])),
+    151936: (("each training process peak RSS <= 0.35x TRL",
+              lambda d, t: d["peak_one_train_rss"] <= 0.35 * t["peak_one_train_rss"]),
+             ("process tree peak RSS <= 1.0x TRL", lambda d, t: d["peak_rss"] <= t["peak_rss"]),
+             ("whole job >= 2x TRL's pairs/s", lambda d, t: d["job_pairs_s"] >= 2.0 * t["job_pairs_s"])),
+}
+
+
+def vocab_targets(vocab: int, d: dict, t: dict) -> dict[str, bool]:
+    """The issue's targets for a model with ``vocab`` output rows, checked on the report rows of both sides."""
+    return {name: bool(check(d, t)) for name, check in VOCAB_TARGETS.get(vocab, ())}
+
+
+def loss_checks(ld: list[float], lt: list[float], qd: list[float], qt: list[float]) -> dict[str, bool]:
+    """Both sides compute the same loss: ln 2 at step 1, and similar quarter means after (orders differ)."""
+    return {
         "step-1 losses both ln 2 (|x - ln 2| < 1e-3)": bool(ld and lt and abs(ld[0] - LN2) < 1e-3
                                                             and abs(lt[0] - LN2) < 1e-3),
         "same trajectory (quarter means within 0.05)": bool(qd and qt
                                                             and max(abs(a - b) for a, b in zip(qd, qt)) < 0.05),
     }
-    print("targets: " + "; ".join(f"{k}: {'MET' if v else 'MISSED'}" for k, v in targets.items()))
-    return {"rows": rows, "targets": targets}
 
 
 def _trl_version() -> str:
@@ -733,12 +925,24 @@ def parse_args(argv=None):
     p.add_argument("--dpo-ray-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra dpo-ray --set override (repeatable); for experiments")
     p.add_argument("--dpo-ray-init", default="", metavar="JSON",
-                   help="extra ray.init kwargs for the dpo-ray run, e.g. '{\"include_dashboard\": false}'; "
+                   help="extra ray.init kwargs for the dpo-ray runs, e.g. '{\"object_store_memory\": 100000000}'; "
                         "for experiments")
     p.add_argument("--trl-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra DPOConfig argument for TRL (repeatable), e.g. gradient_checkpointing=false; "
                         "for experiments")
-    p.add_argument("--only", choices=("both", "dpo-ray", "trl"), default="both")
+    p.add_argument("--only", choices=("both", "dpo-ray", "trl", "sweep"), default="both",
+                   help="sides to run; sweep: only the sweep-cost runs (with --sweep-trials)")
+    p.add_argument("--vocab", default=str(CPU_MODEL["vocab_size"]), metavar="N[,N...]",
+                   help="output-head sizes to compare, one case each: 8192 is the Llama-shaped model of earlier "
+                        "results; any other N (e.g. 151936, Qwen2.5's) puts a tied Qwen2-style head of N rows on the "
+                        "same body (default: %(default)s)")
+    p.add_argument("--sweep-trials", type=int, default=0, metavar="K",
+                   help="also measure a K-trial sweep (workflows/sweep.py, no ASHA) against a single run with a "
+                        "trial's settings, on the first --vocab case (the issue's target is for K >= 4); 0: don't")
+    p.add_argument("--sweep-concurrent", type=int, default=1, help="sweep.max_concurrent_trials of that sweep")
+    p.add_argument("--sweep-cpus-per-worker", type=float, default=0.0,
+                   help="scaling.cpus_per_worker of the sweep's trials and of the single run they are compared with "
+                        f"(0: Ray's CPU count minus the trial's own {SWEEP_TRIAL_CPUS:g}, over --workers)")
     p.add_argument("--quiet-load", type=float, default=0.8, help="wait until the 1-min load average is below this")
     p.add_argument("--quiet-wait", type=float, default=1200,
                    help="wait at most this long (s) before each run; 0: don't")
@@ -770,9 +974,75 @@ def check_gpu(args) -> float:
     raise SystemExit(f"error: unknown peak bf16 FLOP/s for {name!r}; pass --peak-tflops")
 
 
+def parse_vocabs(text: str) -> list[int]:
+    """``--vocab 8192,151936`` -> [8192, 151936]; a bad entry exits naming it."""
+    try:
+        vocabs = [int(v.replace("_", "")) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --vocab takes comma-separated integers, got {text!r}") from None
+    if not vocabs or min(vocabs) < 1:
+        raise SystemExit(f"error: --vocab needs at least one size >= 1, got {text!r}")
+    return vocabs
+
+
+def describe_model(label: str, facts: dict) -> str:
+    if label == "llama":
+        shape = "Llama-shaped"
+    elif label.startswith("qwen2-head"):
+        shape = f"tied Qwen2-style head of {facts['vocab']:,} rows on the Llama case's body"
+    else:
+        shape = f"{label}-shaped"
+    return (f"{shape}: random-init {facts['type']}, {facts['params'] / 1e6:.1f}M parameters "
+            f"({facts['layers']} layers, hidden {facts['hidden']}, {facts['heads']} heads / "
+            f"{facts['kv_heads']} KV, MLP {facts['intermediate']}, vocab {facts['vocab']}, "
+            f"{'tied' if facts['tied'] else 'untied'} head)")
+
+
+def print_one_side(args, s: dict) -> None:
+    """The short summary of a side that ran without the other (``--only``)."""
+    m = s["run"].monitor
+    print(f"[bench] {s['name']}: job {s['job_s']:.1f} s, exit {s['run'].exit_s:.1f} s, train {s['train_s']:.1f} s, "
+          f"{args.steps * args.batch_size / s['job_s']:.2f} pairs/s whole job, peak RSS tree {mb(m.peak_rss)}, "
+          f"PSS {mb(m.peak_pss)}, training proc. {mb(m.peak_train_rss)}, CPU {m.tree_cpu_seconds:.0f} s; marks "
+          + json.dumps({k: round(v, 1) for k, v in s["marks"].items()}))
+    print(f"[bench] losses: first {s['losses'][:1]}, quarters {[round(x, 4) for x in quarter_means(s['losses'])]}")
+
+
+def run_case(args, work: Path, label: str, model_path: str, rows: list[dict], gpu_peak, first: bool) -> dict:
+    """One model: dpo-ray and TRL side by side (as ``--only`` says), then the sweep cost on the first case."""
+    facts = model_facts(model_path)
+    model_label = describe_model(label, facts)
+    print(f"[bench] model: {model_path}: {model_label}", flush=True)
+    pairs = build_pairs(work / label, model_path, rows, args.pairs, args.eval_pairs, args.max_length)
+    sides, report = [], {}
+    if args.only in ("both", "dpo-ray"):
+        sides.append(run_dpo_ray(args, model_path, pairs, work, args.gpu))
+        print(f"[bench] dpo-ray: whole job {sides[-1]['job_s']:.1f} s", flush=True)
+    if args.only in ("both", "trl"):
+        sides.append(run_trl(args, model_path, pairs, work, args.gpu))
+        print(f"[bench] TRL: whole job {sides[-1]['job_s']:.1f} s", flush=True)
+    if len(sides) == 2:
+        report = print_report(args, sides, pairs, facts, gpu_peak, model_label)
+    elif sides:
+        print_one_side(args, sides[0])
+    if args.sweep_trials and first:
+        cpus = sweep_cpus_per_worker(args)
+        single = run_dpo_ray(args, model_path, pairs, work, False, label="dpo-ray-single", cpus_per_worker=cpus)
+        print(f"[bench] single run for the sweep cost: whole job {single['job_s']:.1f} s", flush=True)
+        sweep = run_dpo_ray_sweep(args, model_path, pairs, work, cpus)
+        print(f"[bench] sweep: whole job {sweep['job_s']:.1f} s", flush=True)
+        report["sweep_cost"] = compute_sweep_cost(args.sweep_trials, single, sweep)
+        print_sweep_cost(args, report["sweep_cost"], single, sweep, cpus, model_label)
+    return report
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     gpu_peak = check_gpu(args) if args.gpu else None
+    if args.sweep_trials < 0 or (args.only == "sweep" and not args.sweep_trials):
+        raise SystemExit("error: --only sweep needs --sweep-trials K (K >= 1; the target is for K >= 4)")
+    if args.sweep_trials and args.gpu:
+        raise SystemExit("error: --sweep-trials is a CPU measurement; run it without --gpu")
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     print(f"[bench] {datetime.datetime.now().isoformat(timespec='seconds')} on {platform.node()}: "
@@ -784,36 +1054,10 @@ def main(argv=None) -> None:
         args.workers, args.cpus_per_worker = 1, max(1.0, args.cpus_per_worker)
         specs = [(name, build_gpu_model(work, name, rows, args.seed)) for name in args.gpu_models.split(",")]
     else:
-        specs = [("llama", build_cpu_model(work, rows, args.seed))]
+        specs = build_cpu_cases(work, parse_vocabs(args.vocab), rows, args.seed)
     args.steps = args.steps or math.ceil(args.pairs / args.batch_size)
-    reports = {}
-    for label, model_path in specs:
-        facts = model_facts(model_path)
-        model_label = (f"{label}-shaped random-init {facts['type']}, {facts['params'] / 1e6:.1f}M parameters "
-                       f"({facts['layers']} layers, hidden {facts['hidden']}, {facts['heads']} heads / "
-                       f"{facts['kv_heads']} KV, MLP {facts['intermediate']}, vocab {facts['vocab']}, "
-                       f"{'tied' if facts['tied'] else 'untied'} head)")
-        print(f"[bench] model: {model_path}: {model_label}", flush=True)
-        pairs = build_pairs(work / label, model_path, rows, args.pairs, args.eval_pairs, args.max_length)
-        sides = []
-        if args.only in ("both", "dpo-ray"):
-            sides.append(run_dpo_ray(args, model_path, pairs, work, args.gpu))
-            print(f"[bench] dpo-ray: whole job {sides[-1]['job_s']:.1f} s", flush=True)
-        if args.only in ("both", "trl"):
-            sides.append(run_trl(args, model_path, pairs, work, args.gpu))
-            print(f"[bench] TRL: whole job {sides[-1]['job_s']:.1f} s", flush=True)
-        if len(sides) == 2:
-            reports[label] = print_report(args, sides, pairs, facts, gpu_peak, model_label)
-        else:
-            s = sides[0]
-            m = s["run"].monitor
-            print(f"[bench] {s['name']}: job {s['job_s']:.1f} s, exit {s['run'].exit_s:.1f} s, "
-                  f"train {s['train_s']:.1f} s, "
-                  f"{args.steps * args.batch_size / s['job_s']:.2f} pairs/s whole job, peak RSS tree {mb(m.peak_rss)}, "
-                  f"PSS {mb(m.peak_pss)}, training proc. {mb(m.peak_train_rss)}, CPU {m.tree_cpu_seconds:.0f} s; marks "
-                  + json.dumps({k: round(v, 1) for k, v in s["marks"].items()}))
-            print(f"[bench] losses: first {s['losses'][:1]}, "
-                  f"quarters {[round(x, 4) for x in quarter_means(s['losses'])]}")
+    reports = {label: run_case(args, work, label, path, rows, gpu_peak, first=i == 0)
+               for i, (label, path) in enumerate(specs)}
     (work / "last_results.json").write_text(json.dumps(reports, indent=2, default=str))
 
 

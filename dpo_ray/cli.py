@@ -96,8 +96,8 @@ def main_train(argv: list[str] | None = None) -> dict[str, Any]:
     """``dpo-ray train``: DPO on Ray Train. Exit 2 on bad input; 130 (or the signal's code) when interrupted."""
     _, cfg = parse_config(build_parser("Train a policy with DPO on Ray Train."), argv)
     print_config(cfg)
-    init_ray(run_dir=cfg.resolved_output_dir())
     with exit_on_input_error():
+        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=False)
         summary = run_dpo(cfg)
     if summary["interrupted"]:
         print(f"[dpo-ray] interrupted at step {summary['steps']}; checkpoint at {summary['checkpoint_path']}. "
@@ -119,8 +119,8 @@ def main_sft(argv: list[str] | None = None) -> dict[str, Any]:
     _, cfg = parse_config(build_parser("Supervised fine-tuning on the chosen responses of data.train (Ray Train)."),
                           argv)
     print_config(cfg)
-    init_ray(run_dir=cfg.resolved_output_dir())
     with exit_on_input_error():
+        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=False)
         summary = run_sft(cfg)
     print(format_fields(summary, ("train_examples", "eval_examples", "steps", "train_loss", "eval_loss",
                                   "wall_seconds")))
@@ -183,7 +183,8 @@ def main_sweep(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     _, cfg = parse_config(build_parser("Sweep DPO's beta and learning rate with Ray Tune."), argv)
     print_config(cfg)
-    init_ray(run_dir=cfg.resolved_output_dir())
+    with exit_on_input_error():  # its trials stopped by ASHA free their placement groups through the State API
+        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=True)
     try:
         with exit_on_input_error(), forward_sigterm_as_sigint():
             summary = run_sweep(cfg)
@@ -220,7 +221,8 @@ def main_demo(argv: list[str] | None = None) -> dict[str, Any]:
         demo = demo_chain.parse_demo_settings(args.demo)
     print_config(cfg)
     print("[demo] demo settings: " + json.dumps(asdict(demo)), flush=True)
-    init_ray(run_dir=cfg.resolved_output_dir())
+    with exit_on_input_error():
+        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=False)
     return demo_chain.run_demo(cfg, demo)
 
 
@@ -233,7 +235,7 @@ def main_make_pairs(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     with exit_on_input_error():
         demo = demo_chain.parse_demo_settings(args.demo)
-    init_ray()
+    init_ray(needs_state_api=False)  # Ray Data actors only: no placement groups to free
     out = Path(args.output)
     report = demo_chain.make_pairs(demo, args.model, out)
     (out / "report.json").write_text(json.dumps(report, indent=2))

@@ -179,6 +179,21 @@ class SweepSettings:
 
 
 @dataclass
+class RaySettings:
+    """The local Ray instance a run starts for itself (no RAY_ADDRESS, no live ``ray start`` head on this machine).
+
+    A run that joins a cluster (RAY_ADDRESS, ``ray job submit``, a ``ray start`` head) uses that cluster as it was
+    started; these keys do not apply there.
+    """
+
+    # auto: off for train, sft, demo and make-pairs, on for sweep. Ray's State API (list_placement_groups, get_actor)
+    # is served by the dashboard's head modules (about ten processes, several hundred MB); a sweep needs it to free
+    # the placement groups of trials ASHA stopped (dpo_ray.ray_compat; Ray Train's PlacementGroupCleaner), while a
+    # fresh local instance of a single run has no earlier job whose groups could have leaked. true/false force it.
+    include_dashboard: bool | Literal["auto"] = AUTO
+
+
+@dataclass
 class Config:
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
@@ -186,6 +201,7 @@ class Config:
     train: TrainSettings = field(default_factory=TrainSettings)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     sweep: SweepSettings = field(default_factory=SweepSettings)
+    ray: RaySettings = field(default_factory=RaySettings)
     output_dir: str = "outputs/default"
     run_name: str = "dpo"  # the same name resumes from the latest checkpoint
     storage_path: str = ""  # Ray Train storage (local, s3://, gs://); empty = <output_dir>/ray_results

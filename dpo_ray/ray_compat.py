@@ -102,8 +102,8 @@ def release_leaked_placement_groups() -> int:
     ctx = ray.get_runtime_context()
     try:
         ours = select_jobs_of_run(list_job_records(), ctx.get_job_id())
-        if not ours:
-            return 0
+        if not any(j.status in FINISHED_JOB_STATES for j in ours):
+            return 0  # only a finished job's groups can leak: none on a fresh local instance (maybe dashboard-less)
         groups = list_placement_groups(address=ctx.gcs_address, detail=True, limit=10_000,
                                        raise_on_missing_output=False)
         leaked = find_leaked_placement_groups(groups, ours)

@@ -462,3 +462,15 @@ def test_build_settings_types_any_settings_dataclass_like_the_config():
         build_settings(TinyModelSettings, ["hidden_sise=64"])
     with pytest.raises(ConfigError, match="'architecture': must be one of llama, qwen2"):
         build_settings(TinyModelSettings, ["architecture=gpt2"])
+
+
+def test_ray_include_dashboard_is_auto_true_or_false_and_names_the_key_otherwise(tmp_path):
+    assert Config().ray.include_dashboard == "auto"  # off for a local train/sft/demo run, on for a sweep
+    assert build_config(None, ["ray.include_dashboard=true"]).ray.include_dashboard is True
+    assert build_config(None, ["ray.include_dashboard=false"]).ray.include_dashboard is False
+    assert build_config(None, ["ray.include_dashboard=auto"]).ray.include_dashboard == "auto"
+    preset = tmp_path / "p.yaml"
+    preset.write_text("ray:\n  include_dashboard: no\n")  # YAML 1.1's no is a boolean, and means false here too
+    assert build_config(preset).ray.include_dashboard is False
+    with pytest.raises(ConfigError, match=r"'ray\.include_dashboard' expects bool or one of auto, got str 'sometimes'"):
+        build_config(None, ["ray.include_dashboard=sometimes"])

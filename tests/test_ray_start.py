@@ -6,6 +6,7 @@ Pure unit tests: no Ray instance is started here (the session's one from conftes
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from types import SimpleNamespace
 
@@ -121,3 +122,110 @@ def test_a_finished_jobs_group_without_our_mark_is_not_released(monkeypatch):
     monkeypatch.setattr(compat, "list_job_records", lambda: [job(j.job_id, j.status, None) for j in JOBS])
     assert compat.release_leaked_placement_groups() == 0  # no job carries a mark: nothing is touched
     assert removed == ["c"]
+
+
+def test_no_state_api_query_while_no_job_of_this_run_has_finished(monkeypatch):
+    """A fresh local instance (maybe without a dashboard to answer State API queries) holds only this job."""
+    import ray
+
+    import dpo_ray.ray_compat as compat
+
+    def no_query(**kwargs):
+        raise AssertionError("the State API was queried")
+
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_job_id=lambda: "04000000",
+                                                                            gcs_address="127.0.0.1:1"))
+    monkeypatch.setattr(compat, "list_job_records", lambda: [JOBS[0], JOBS[3]])  # another user's, and this one
+    monkeypatch.setattr(compat, "list_placement_groups", no_query)
+    assert compat.release_leaked_placement_groups() == 0
+
+
+# ------------------------------------------------------------------------------------ a lean local instance
+
+
+class CapturedInit(Exception):
+    """Raised where the command would start training: init_ray has run by then."""
+
+
+@pytest.fixture
+def fake_ray_init(tmp_path, monkeypatch):
+    """``ray.init``'s keyword arguments, captured instead of starting Ray; no ``ray start`` record, no RAY_ADDRESS."""
+    import ray
+
+    calls: list[dict] = []
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # no record of a `ray start` head
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    return calls
+
+
+def run_command_until_training(monkeypatch, command: str, argv: list[str]) -> None:
+    """Run ``dpo-ray <command>`` up to the library call that would train (init_ray has run by then)."""
+    import dpo_ray.cli as cli
+
+    def stop(*args, **kwargs):
+        raise CapturedInit
+
+    monkeypatch.setattr(cli, {"train": "run_dpo", "sft": "run_sft", "sweep": "run_sweep"}[command], stop)
+    with pytest.raises(CapturedInit):
+        cli.COMMANDS[command](argv)
+
+
+def test_a_local_train_run_starts_ray_without_the_dashboard_by_default(fake_ray_init, monkeypatch, tmp_path):
+    run_command_until_training(monkeypatch, "train", [f"--set=output_dir={tmp_path / 'out'}"])
+    [kwargs] = fake_ray_init
+    assert kwargs["include_dashboard"] is False
+    env = kwargs["runtime_env"]["env_vars"]
+    # Ray's State API clients are pointed at a port of this process that refuses connections, never at another
+    # instance's dashboard; Ray Train's state actor does not poll it; its cleaner's warnings are quieted
+    assert env["RAY_API_SERVER_ADDRESS"].startswith("http://127.0.0.1:")
+    assert env["RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION"] == "0"
+    assert env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"  # one local node is never preempted
+    assert kwargs["runtime_env"]["worker_process_setup_hook"] == "dpo_ray.worker_setup.quiet_state_api_warnings"
+    assert kwargs["job_config"].metadata == {RUN_METADATA_KEY: str(tmp_path / "out")}
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ  # the driver's own environment is left alone
+
+
+def test_the_refusing_port_refuses_connections():
+    from dpo_ray.cluster import reserve_unserved_address
+
+    port = int(reserve_unserved_address().rsplit(":", 1)[1])
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_a_local_sweep_keeps_the_dashboard_and_refuses_to_run_without_it(fake_ray_init, monkeypatch, tmp_path, capsys):
+    run_command_until_training(monkeypatch, "sweep", [f"--set=output_dir={tmp_path}"])
+    [kwargs] = fake_ray_init
+    assert kwargs["include_dashboard"] is True
+    assert "RAY_API_SERVER_ADDRESS" not in kwargs["runtime_env"]["env_vars"]
+    assert "worker_process_setup_hook" not in kwargs["runtime_env"]
+
+    import dpo_ray.cli as cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main_sweep([f"--set=output_dir={tmp_path}", "--set=ray.include_dashboard=false"])
+    assert exit_info.value.code == 2
+    assert "'ray.include_dashboard'" in capsys.readouterr().err
+    assert len(fake_ray_init) == 1  # refused before Ray starts
+
+
+def test_the_key_can_ask_for_the_dashboard_on_a_local_train_run(fake_ray_init, monkeypatch, tmp_path):
+    run_command_until_training(monkeypatch, "sft", [f"--set=output_dir={tmp_path}", "--set=ray.include_dashboard=true"])
+    [kwargs] = fake_ray_init
+    assert kwargs["include_dashboard"] is True
+    assert kwargs["runtime_env"]["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+
+
+def test_joining_a_cluster_leaves_it_as_it_was_started(fake_ray_init, monkeypatch, tmp_path):
+    import dpo_ray.cluster as cluster
+
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    monkeypatch.setattr(cluster, "enable_token_auth_when_available", lambda: None)
+    run_command_until_training(monkeypatch, "train", [f"--set=output_dir={tmp_path}"])
+    [kwargs] = fake_ray_init
+    assert kwargs["address"] == "ray://head:10001"
+    assert "include_dashboard" not in kwargs
+    assert set(kwargs["runtime_env"]["env_vars"]) == {"RAY_DATA_DISABLE_PROGRESS_BARS", "TOKENIZERS_PARALLELISM"}
