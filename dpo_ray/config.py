@@ -24,7 +24,7 @@ from dpo_ray.losses import LossType
 # `ray job submit --working-dir .` upload.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_HH_DATA = "data/hh_rlhf_harmless_1800.jsonl.gz"
-AUTO = "auto"  # a sweep setting left for the sweep to size from the cluster's resources
+AUTO = "auto"  # a setting left to be sized at run time (from the cluster, the vocabulary)
 
 # The dataclass defaults suit pretrained models. A config that builds the tiny random-init model (an empty
 # model.name_or_path) gets these values under whatever it sets itself: a random-init model needs steps a
@@ -139,7 +139,9 @@ class TrainSettings:
     shuffle: bool = True  # seeded new order every epoch; false: the data's own order (to replay another run's)
     length_bucketing: bool = True  # batch pairs of similar length: little padding (only when shuffling)
     response_only_logits: bool = True  # output head on response positions only, chunked: no [T x V] fp32 logits
-    logits_chunk_size: int = 1024  # response positions per chunk of the chunked log-softmax
+    # response positions per chunk of the response-only head; auto: as many as 2**24 fp32 logits hold (64 MiB), so
+    # the head's peak memory does not grow with the vocabulary (losses.resolve_chunk_rows)
+    logits_chunk_size: int | Literal["auto"] = AUTO
     skip_nonfinite: bool = False  # skip a batch whose loss or gradient is not finite instead of failing
     # as TRL's DPOConfig.disable_dropout: dropout would make the policy's chosen and rejected passes, and the
     # policy against the reference, see different random masks, so the margin would be noisy and biased
@@ -176,6 +178,9 @@ class SweepSettings:
     asha_grace_period: int = 1  # evaluations before a trial can be stopped
     seed: int = 0
     trial_cpus: float = 0.25  # the trial's own driver function needs only a sliver of a CPU
+
+
+HOSTING_SECTIONS = ("ray",)  # settings of the Ray instance a run starts, not of the run: toggling them reuses results
 
 
 @dataclass
@@ -227,6 +232,11 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_result_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the sections that change how a run is hosted, not what it computes (``ray``):
+        what a resumed sweep or a reused demo stage must match."""
+        return {k: v for k, v in self.to_dict().items() if k not in HOSTING_SECTIONS}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -505,7 +515,8 @@ def _validate_train(cfg: Config) -> None:
     _require(cfg.train.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
     _require(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _require(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
-    _require(cfg.train.logits_chunk_size >= 1, "train.logits_chunk_size", "must be >= 1")
+    _require(cfg.train.logits_chunk_size == AUTO or cfg.train.logits_chunk_size >= 1, "train.logits_chunk_size",
+             "must be auto or >= 1")
 
 
 def _validate_scaling(cfg: Config) -> None:

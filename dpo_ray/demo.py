@@ -120,7 +120,7 @@ def pick(demo: DemoSettings, names: tuple[str, ...]) -> dict[str, Any]:
 
 def sft_run_key(cfg: Config) -> dict[str, Any]:
     """What an SFT run depends on: its Config without the DPO and sweep sections, which it does not read."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in ("dpo", "sweep")}
+    return {k: v for k, v in cfg.to_result_dict().items() if k not in ("dpo", "sweep")}
 
 
 def fingerprint(value: Any) -> str:
@@ -417,7 +417,7 @@ def run_demo(cfg: Config, demo: DemoSettings) -> dict[str, Any]:
 
     runs: dict[str, tuple[Config, dict]] = {}
     dpo_cfg = build_dpo_config(cfg, out / "dpo", sft_model, stages["pairs"])
-    stages["dpo"] = run_stage("dpo", out / "dpo", {"pairs": pairs_id, "cfg": dpo_cfg.to_dict()},
+    stages["dpo"] = run_stage("dpo", out / "dpo", {"pairs": pairs_id, "cfg": dpo_cfg.to_result_dict()},
                               lambda: run_dpo_stage(dpo_cfg))
     runs["dpo"] = (dpo_cfg, stages["dpo"]["summary"])
     pft_runs = {"preferred_ft": demo.pft_learning_rate, "preferred_ft_matched": demo.pft_matched_learning_rate}

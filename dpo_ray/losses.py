@@ -82,6 +82,19 @@ def _chunk_token_logps(
     return _TargetLogSoftmax.apply(head(hidden).float(), targets)
 
 
+# fp32 logits per chunk of the response-only head when the chunk is "auto": 64 MiB, so the head's peak is the same
+# for a 4k and a 152k vocabulary (16,384 rows of a 1k one, 110 of Qwen2.5's 151,936)
+LOGITS_CHUNK_ELEMENTS = 1 << 24
+
+
+def resolve_chunk_rows(chunk_size: int | str, vocab_size: int) -> int:
+    """Rows per chunk of :func:`compute_token_logps_chunked`: ``chunk_size`` itself, or for ``"auto"`` as many rows
+    as :data:`LOGITS_CHUNK_ELEMENTS` logits hold at this vocabulary (at least one)."""
+    if chunk_size == "auto":
+        return max(1, LOGITS_CHUNK_ELEMENTS // max(1, vocab_size))
+    return int(chunk_size)
+
+
 def compute_token_logps_chunked(
     hidden: torch.Tensor,
     targets: torch.Tensor,

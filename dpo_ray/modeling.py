@@ -25,7 +25,7 @@ from dpo_ray.families import (
     resolve_logit_transform,
     resolve_prefix_sharing,
 )
-from dpo_ray.losses import compute_sequence_logps, compute_token_logps_chunked, sum_by_segment
+from dpo_ray.losses import compute_sequence_logps, compute_token_logps_chunked, resolve_chunk_rows, sum_by_segment
 from dpo_ray.precision import in_eval_mode, prepare_for_training, resolve_config_precision
 
 # CPU attention kernels reduce over the padded key length in 16-wide vectors plus a scalar tail, so a pair's
@@ -79,6 +79,12 @@ def enable_activation_checkpointing(lm: nn.Module) -> None:
     lm.config.use_cache = False
 
 
+def count_head_rows(base: nn.Module) -> int:
+    """The output head's vocabulary (rows of its logits), from the model's config (the weight may be sharded)."""
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    return int(config.vocab_size)
+
+
 def unwrap_base_model(lm: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (LoRA layers stay injected in it)."""
     return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
@@ -99,12 +105,14 @@ class PairLogProbs(nn.Module):
     ``[chunk_size, V]`` logits exist at a time in the backward too (each chunk's are recomputed there).
     """
 
-    def __init__(self, lm: nn.Module, prefix_sharing: bool = True, chunk_size: int = 1024, response_only: bool = True):
+    def __init__(
+        self, lm: nn.Module, prefix_sharing: bool = True, chunk_size: int | str = "auto", response_only: bool = True
+    ):
         super().__init__()
         self.lm = lm
         base = unwrap_base_model(lm)
         self.prefix_sharing = resolve_prefix_sharing(base.config, prefix_sharing)
-        self.chunk_size = chunk_size
+        self.chunk_size = resolve_chunk_rows(chunk_size, count_head_rows(base))
         self.response_only = response_only
         if response_only:
             self.logit_transform = resolve_logit_transform(base.config)
@@ -188,7 +196,7 @@ def score_pairs(
     pairs: Sequence[Pair],
     pad_id: int,
     prefix_sharing: bool = True,
-    chunk_size: int = 1024,
+    chunk_size: int | str = "auto",
     device: torch.device | str = "cpu",
     response_only: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:

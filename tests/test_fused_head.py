@@ -220,3 +220,17 @@ def test_fused_head_peak_is_one_chunk_of_logits_whatever_the_number_of_tokens(tr
         assert fused[16] < BOUND[transform] * chunk_logits
         assert fused[16] < 1.1 * fused[4]  # flat in tokens
         assert old[16] - old[4] >= 12 * chunk_logits  # the old loop kept each of the 12 more chunks' logits
+
+
+def test_auto_chunks_hold_the_same_logits_whatever_the_vocabulary():
+    """With ``train.logits_chunk_size=auto`` a chunk holds ~2**24 fp32 logits at 4k and at 152k: the head's peak is
+    flat in the vocabulary (one chunk's logits, their gradient buffer), not only in the number of tokens."""
+    from dpo_ray.config import build_config
+    from dpo_ray.losses import LOGITS_CHUNK_ELEMENTS, resolve_chunk_rows
+
+    for vocab in (4096, 32768, 151936, 262144):
+        rows = resolve_chunk_rows("auto", vocab)
+        assert LOGITS_CHUNK_ELEMENTS - vocab < rows * vocab <= LOGITS_CHUNK_ELEMENTS
+    assert resolve_chunk_rows(300, 151936) == 300  # an explicit row count is kept
+    assert build_config(None, []).train.logits_chunk_size == "auto"
+    assert build_config(None, ["train.logits_chunk_size=512"]).train.logits_chunk_size == 512

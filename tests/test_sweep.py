@@ -126,6 +126,10 @@ def test_resume_refuses_a_different_config(tmp_path):
     changed = config_from_dict({"output_dir": str(tmp_path / "sweep"), "sweep": {"num_samples": 9}})
     with pytest.raises(ConfigError, match="sweep.num_samples"):
         preflight.check_resume_matches(changed)
+    # how the local Ray instance is started (ray.*) does not change what the trials compute
+    hosted = config_from_dict({"output_dir": str(tmp_path / "sweep"), "ray": {"include_dashboard": True}})
+    preflight.check_resume_matches(hosted)
+    assert "ray" not in hosted.to_result_dict() and hosted.to_result_dict()["sweep"] == cfg.to_dict()["sweep"]
 
 
 def size(resources: dict, *overrides: str) -> tuple[int, int]:

@@ -12,7 +12,7 @@ import ray
 import yaml
 
 from dpo_ray.cluster import check_cluster_resources
-from dpo_ray.config import AUTO, Config, ConfigError, derive_config
+from dpo_ray.config import AUTO, HOSTING_SECTIONS, Config, ConfigError, derive_config
 from dpo_ray.sweep.space import count_trials
 
 logger = logging.getLogger("dpo_ray")
@@ -167,8 +167,9 @@ def check_resume_matches(cfg: Config) -> None:
     path = cfg.resolved_output_dir() / SWEEP_CONFIG_FILE
     if not path.exists():
         return
-    saved = flatten_dict(yaml.safe_load(path.read_text()) or {})
-    now = flatten_dict(cfg.to_dict())
+    saved = flatten_dict({k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items()
+                          if k not in HOSTING_SECTIONS})
+    now = flatten_dict(cfg.to_result_dict())
     differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if differ:
         raise ConfigError(
