@@ -148,6 +148,11 @@ def build_head_model(work: Path, vocab: int, rows: list[dict], seed: int) -> str
                          eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return save_model_dir(model, tokenizer, out)
+
+
+def save_model_dir(model, tokenizer, out: Path) -> str:
+    """Write model and tokenizer to ``out`` atomically (a temporary sibling, then a rename)."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -184,12 +189,7 @@ def build_gpu_model(work: Path, name: str, rows: list[dict], seed: int) -> str:
                          eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out)
-    return str(out)
+    return save_model_dir(model, tokenizer, out)
 
 
 @dataclass

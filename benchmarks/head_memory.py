@@ -43,19 +43,12 @@ sys.path.insert(0, str(REPO))
 from dpo_ray.families import LogitTransform  # noqa: E402
 from dpo_ray.losses import compute_token_logps_chunked  # noqa: E402
 
+sys.path.insert(0, str(REPO / "tests"))
+from test_fused_head import old_token_logps  # noqa: E402  (the pre-fused loop, kept once, beside its test)
+
 MIB = 2**20
 TRANSFORMS = {"none": LogitTransform(), "softcap": LogitTransform((("softcap", 30.0),))}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def old_token_logps(hidden, targets, head, chunk_size):
-    """The chunked loop before the fused head, verbatim: every chunk's logits stay saved for the backward."""
-    out = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        logits = head(hidden[start : start + chunk_size]).float()
-        tgt = targets[start : start + chunk_size]
-        out.append(logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1))
-    return torch.cat(out)
 
 
 SIDES = {"old": old_token_logps, "fused": compute_token_logps_chunked}
