@@ -115,6 +115,19 @@ def read_column(batch: pa.Table, name: str) -> pa.Array:
     return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
+def convert_tensor_column(column: pa.Array) -> pa.Array:
+    """A tensor column as a list column; any other column as it is.
+
+    A ``map_batches(..., batch_format="numpy")`` upstream (a user's transform, or a test's) turns Ray Data's list
+    columns into its tensor extension types (``ArrowVariableShapedTensorType``, ``ArrowTensorType``); this reads
+    them back into lists, one copy.
+    """
+    if not isinstance(column.type, pa.ExtensionType) or not hasattr(column, "to_numpy"):
+        return column
+    rows = column.to_numpy(zero_copy_only=False)
+    return pa.array([None if r is None else np.asarray(r).ravel() for r in rows])
+
+
 def read_token_column(batch: pa.Table, name: str, row_ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """([tokens] int32 values, [rows] int64 lengths) of list column ``name`` of ``batch``.
 
@@ -122,7 +135,7 @@ def read_token_column(batch: pa.Table, name: str, row_ids: pa.Array) -> tuple[np
     blocks mapped from the object store): :func:`join_ragged` copies them once, so reading a shard needs
     about the memory of its columns and no more.
     """
-    column = read_column(batch, name)
+    column = convert_tensor_column(read_column(batch, name))
     if not pa.types.is_list(column.type) and not pa.types.is_large_list(column.type):
         raise ValueError(f"column {name!r} holds {column.type}, not lists of token ids")
     if column.null_count:

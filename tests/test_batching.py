@@ -444,3 +444,19 @@ def test_shard_columns_name_the_row_or_column_of_bad_data():
     huge = pa.array([[1], [2], [3], [2**40], [5]], type=pa.list_(pa.int64()))
     with pytest.raises(ValueError, match="column 'chosen_ids': token ids must be int32-sized"):
         collect_shard_rows(ArrowShard(table.set_column(2, "chosen_ids", huge)))
+
+
+def test_shard_columns_read_ray_tensor_columns_as_the_lists_they_were():
+    """A numpy-format ``map_batches`` upstream turns list columns into Ray Data's tensor extension types."""
+    import numpy as np
+    import pyarrow as pa
+    from ray.data._internal.tensor_extensions.arrow import ArrowTensorArray  # what Ray Data makes of such columns
+
+    from dpo_ray.dpo import collect_shard_rows
+
+    table, data = make_pair_table(7)
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        ragged = np.array([np.asarray(ids, dtype=np.int64) for ids in data[name]] + [np.zeros(0)], dtype=object)[:-1]
+        table = table.set_column(table.schema.get_field_index(name), name, ArrowTensorArray.from_numpy(ragged))
+    assert isinstance(table.column("prompt_ids").type, pa.ExtensionType)
+    assert list(collect_shard_rows(ArrowShard(table))) == list(collect_shard_rows(ArrowShard(make_pair_table(7)[0])))
