@@ -25,7 +25,7 @@ from dpo_ray.families import (
     resolve_logit_transform,
     resolve_prefix_sharing,
 )
-from dpo_ray.losses import compute_sequence_logps, compute_token_logps_chunked, resolve_chunk_rows, sum_by_segment
+from dpo_ray.losses import compute_token_logps_chunked, resolve_chunk_rows, sum_by_segment
 from dpo_ray.precision import in_eval_mode, prepare_for_training, resolve_config_precision
 
 # CPU attention kernels reduce over the padded key length in 16-wide vectors plus a scalar tail, so a pair's
@@ -90,7 +90,52 @@ def unwrap_base_model(lm: nn.Module) -> nn.Module:
     return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
-class PairLogProbs(nn.Module):
+class ResponseTokenScorer(nn.Module):
+    """Log-probs of response tokens as the model's own forward computes them, through the fused head.
+
+    ``response_only`` sends only the hidden states that predict response tokens through the output head
+    (with the family's logit transform, checked on a probe at construction), ``chunk_size`` rows at a time
+    (``"auto"``: :func:`~dpo_ray.losses.resolve_chunk_rows`), fused with the log-softmax
+    (:func:`~dpo_ray.losses.compute_token_logps_chunked`); otherwise the model's own ``[B, L, V]`` logits.
+    The wrapped LM is ``self.lm``, so DDP/FSDP wrap this module and checkpoints drop the ``lm.`` prefix.
+    """
+
+    def __init__(self, lm: nn.Module, chunk_size: int | str = "auto", response_only: bool = True):
+        super().__init__()
+        self.lm = lm
+        base = unwrap_base_model(lm)
+        self.chunk_size = resolve_chunk_rows(chunk_size, count_head_rows(base))
+        self.response_only = response_only
+        if response_only:
+            self.logit_transform = resolve_logit_transform(base.config)
+            check_logit_head(base, self.logit_transform)
+
+    def _score_tokens(
+        self, inputs: dict[str, Any], rows: torch.Tensor, pos: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """[N] log p(targets[n]) predicted at ``(rows[n], pos[n])`` of the batch ``inputs`` describes."""
+        if self.response_only:
+            base = unwrap_base_model(self.lm)
+            hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [B, L, H]
+            head = output_head(base, self.logit_transform)
+            return compute_token_logps_chunked(hidden[rows, pos], targets, head, self.chunk_size)
+        logits = self.lm(**inputs, use_cache=False).logits  # [B, L, V]: the model's own forward, memory-hungry
+        return torch.log_softmax(logits[rows, pos].float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+class ResponseNLL(ResponseTokenScorer):
+    """SFT's loss terms: the summed NLL of an SFT batch's response tokens and their count (the fused head)."""
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch`` from :func:`~dpo_ray.batching.build_sft_batch` (input_ids, attention_mask, loss_mask,
+        position_ids, each [B, T]); returns ([] NLL summed over the response tokens, [] their count), fp32."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        rows, pos = batch["loss_mask"][:, 1:].nonzero(as_tuple=True)  # token pos+1 is predicted at pos
+        token_logps = self._score_tokens(inputs, rows, pos, batch["input_ids"][rows, pos + 1])
+        return -token_logps.sum(), token_logps.new_tensor(float(rows.numel()))
+
+
+class PairLogProbs(ResponseTokenScorer):
     """Summed response log-probs of chosen and rejected for each pair, equal to the model's own forward.
 
     Two independent switches, each numerically equivalent to scoring every sequence alone with the
@@ -108,15 +153,8 @@ class PairLogProbs(nn.Module):
     def __init__(
         self, lm: nn.Module, prefix_sharing: bool = True, chunk_size: int | str = "auto", response_only: bool = True
     ):
-        super().__init__()
-        self.lm = lm
-        base = unwrap_base_model(lm)
-        self.prefix_sharing = resolve_prefix_sharing(base.config, prefix_sharing)
-        self.chunk_size = resolve_chunk_rows(chunk_size, count_head_rows(base))
-        self.response_only = response_only
-        if response_only:
-            self.logit_transform = resolve_logit_transform(base.config)
-            check_logit_head(base, self.logit_transform)
+        super().__init__(lm, chunk_size, response_only)
+        self.prefix_sharing = resolve_prefix_sharing(unwrap_base_model(lm).config, prefix_sharing)
 
     def build_batch(
         self, pairs: Sequence[Pair], pad_id: int, device: torch.device | str = "cpu"
@@ -131,18 +169,6 @@ class PairLogProbs(nn.Module):
         if "segment_ids" in batch:
             return self._forward_prefix_sharing(batch)
         return self._forward_separate(batch)
-
-    def _score_tokens(
-        self, inputs: dict[str, Any], rows: torch.Tensor, pos: torch.Tensor, targets: torch.Tensor
-    ) -> torch.Tensor:
-        """[N] log p(targets[n]) predicted at ``(rows[n], pos[n])`` of the batch ``inputs`` describes."""
-        if self.response_only:
-            base = unwrap_base_model(self.lm)
-            hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [B, L, H]
-            head = output_head(base, self.logit_transform)
-            return compute_token_logps_chunked(hidden[rows, pos], targets, head, self.chunk_size)
-        logits = self.lm(**inputs, use_cache=False).logits  # [B, L, V]: the model's own forward, memory-hungry
-        return torch.log_softmax(logits[rows, pos].float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
     def _forward_prefix_sharing(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         base = unwrap_base_model(self.lm)
@@ -206,28 +232,6 @@ def score_pairs(
         scorer = PairLogProbs(lm, prefix_sharing=prefix_sharing, chunk_size=chunk_size, response_only=response_only)
         chosen, rejected = scorer(scorer.build_batch(pairs, pad_id, device))
     return chosen.float().cpu(), rejected.float().cpu()
-
-
-def compute_response_nll(lm: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed negative log-likelihood of the response tokens and their count.
-
-    Args:
-        lm: a causal LM (possibly DDP/FSDP-wrapped).
-        batch: from :func:`~dpo_ray.batching.build_sft_batch`: input_ids, attention_mask, loss_mask,
-            position_ids, each [B, T].
-
-    Returns:
-        ([] NLL summed over all response tokens of the batch, [] number of those tokens), fp32.
-    """
-    logits = lm(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        use_cache=False,
-    ).logits  # [B, T, V]
-    logps = compute_sequence_logps(logits, batch["input_ids"], batch["loss_mask"])  # [B]
-    tokens = batch["loss_mask"][:, 1:].sum().float()
-    return -logps.sum(), tokens
 
 
 # ------------------------------------------------------------------------------------ training models

@@ -16,7 +16,7 @@ from dpo_ray.batching import build_sft_batch
 from dpo_ray.config import Config
 from dpo_ray.distributed import all_reduce_max, all_reduce_sum
 from dpo_ray.epochs import split_micro_batches
-from dpo_ray.modeling import compute_response_nll
+from dpo_ray.modeling import ResponseNLL
 from dpo_ray.precision import in_eval_mode, resolve_config_precision
 from dpo_ray.shard_columns import ShardColumns, read_shard_columns
 
@@ -47,24 +47,25 @@ def collect_sft_examples(shard) -> ShardColumns:
 
 
 @torch.no_grad()
-def evaluate_sft(lm: torch.nn.Module, examples: Sequence[SFTExample], pad_id: int, micro_batch_size: int,
+def evaluate_sft(scorer: torch.nn.Module, examples: Sequence[SFTExample], pad_id: int, micro_batch_size: int,
                  device: torch.device, autocast=None) -> dict[str, float]:
     """Held-out mean response-token NLL over all workers' eval shards (each example counts once).
 
-    Every worker runs the same number of forward passes (a shorter shard repeats its last chunk without
-    counting it), so FSDP's collectives stay matched. ``autocast``: a context factory (the precision recipe's).
+    ``scorer``: a :class:`~dpo_ray.modeling.ResponseNLL` (or its FSDP wrapping). Every worker runs the same
+    number of forward passes (a shorter shard repeats its last chunk without counting it), so FSDP's
+    collectives stay matched. ``autocast``: a context factory (the precision recipe's).
     """
     chunks = split_micro_batches(list(range(len(examples))), micro_batch_size)  # row indices
     n_chunks = int(all_reduce_max(float(len(chunks)), device))
     sums = dict.fromkeys(SFT_EVAL_KEYS, 0.0)
-    with in_eval_mode(lm):
+    with in_eval_mode(scorer):
         for c in range(n_chunks):
             chunk = chunks[c] if c < len(chunks) else (chunks[-1] if chunks else [])
             if not chunk:
                 continue
             batch = build_sft_batch([examples[i].as_example() for i in chunk], pad_id, device)
             with autocast() if autocast else contextlib.nullcontext():
-                nll, tokens = compute_response_nll(lm, batch)
+                nll, tokens = scorer(batch)
             if c < len(chunks):
                 sums["nll_sum"] += nll.item()
                 sums["tokens"] += tokens.item()
@@ -76,8 +77,8 @@ def evaluate_sft(lm: torch.nn.Module, examples: Sequence[SFTExample], pad_id: in
 
 
 class SFTObjective:
-    """SFT for the shared worker loop: the causal LM itself is wrapped; each step minimizes the token-mean
-    NLL of its examples' responses."""
+    """SFT for the shared worker loop: a :class:`~dpo_ray.modeling.ResponseNLL` around the causal LM (the fused
+    head, as DPO's scorer) is wrapped; each step minimizes the token-mean NLL of its examples' responses."""
 
     checkpoint_score = None  # the newest checkpoints are kept
     window_keys = ("nll", "tokens")
@@ -86,12 +87,13 @@ class SFTObjective:
     def __init__(self, cfg: Config, lm: torch.nn.Module, pad_id: int, device: torch.device):
         self.cfg, self.lm, self.pad_id, self.device = cfg, lm, pad_id, device
         self.recipe = resolve_config_precision(cfg, device)
-        self.model: torch.nn.Module = lm
+        self.scorer = ResponseNLL(lm, cfg.train.logits_chunk_size, cfg.train.response_only_logits)
+        self.model: torch.nn.Module = self.scorer
 
     read_rows = staticmethod(collect_sft_examples)
 
     def trainable_module(self) -> torch.nn.Module:
-        return self.lm
+        return self.scorer
 
     def attach(self, model: torch.nn.Module, model_path: str) -> None:
         self.model = model
@@ -100,8 +102,7 @@ class SFTObjective:
         """(loss to backward: the micro-batch's NLL over the step's response tokens, [] NLL, window sums)."""
         step_tokens = float(sum(len(r.response) for r in step_rows))
         with self.recipe.autocast():
-            nll, tokens = compute_response_nll(self.model, build_sft_batch([r.as_example() for r in rows],
-                                                                           self.pad_id, self.device))
+            nll, tokens = self.model(build_sft_batch([r.as_example() for r in rows], self.pad_id, self.device))
         return nll / step_tokens, nll, {"nll": nll.item(), "tokens": tokens.item()}
 
     def summarize_window(self, total: dict[str, float]) -> dict[str, float]:

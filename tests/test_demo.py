@@ -113,7 +113,7 @@ def test_mini_chain_dpo_improves_task_accuracy_and_reruns_skip_stages(ray_sessio
 def test_sft_batch_masks_the_prompt_and_the_nll_counts_response_tokens_only(tiny_model_dir):
     from dpo_ray.batching import build_sft_batch
     from dpo_ray.generation import load_generation_model
-    from dpo_ray.modeling import compute_response_nll
+    from dpo_ray.modeling import ResponseNLL
 
     lm, _ = load_generation_model(tiny_model_dir)
     examples = [([1, 40, 41, 42], [50, 2]), ([1, 43], [51, 52, 53, 2])]
@@ -121,10 +121,11 @@ def test_sft_batch_masks_the_prompt_and_the_nll_counts_response_tokens_only(tiny
     assert batch["input_ids"].tolist() == [[1, 40, 41, 42, 50, 2], [1, 43, 51, 52, 53, 2]]
     assert batch["loss_mask"].tolist() == [[0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1]]
     with torch.no_grad():
-        nll, tokens = compute_response_nll(lm, batch)
+        # SFT's loss through the fused head and through the model's own logits, against one sequence at a time
+        (nll, tokens), (full_nll, _) = ResponseNLL(lm)(batch), ResponseNLL(lm, response_only=False)(batch)
         direct = 0.0
         for prompt, response in examples:
             log_p = torch.log_softmax(lm(torch.tensor([prompt + response])).logits[0], -1)
             direct -= sum(log_p[len(prompt) - 1 + j, t].item() for j, t in enumerate(response))
     assert tokens.item() == 6
-    assert nll.item() == pytest.approx(direct, rel=1e-5)
+    assert nll.item() == pytest.approx(direct, rel=1e-5) and full_nll.item() == pytest.approx(direct, rel=1e-5)

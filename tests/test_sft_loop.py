@@ -60,13 +60,15 @@ def test_sft_trains_and_evaluates_under_the_precision_recipe(tiny_model_dir, mon
     """train.mixed_precision=bf16 on CPU: the SFT forward passes run under bf16 autocast, training and eval."""
     seen: list[torch.dtype | None] = []
 
-    def record(lm, batch):
+    from dpo_ray.modeling import ResponseNLL
+
+    forward = ResponseNLL.forward
+
+    def record(self, batch):
         seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
-        return compute_response_nll(lm, batch)
+        return forward(self, batch)
 
-    from dpo_ray.modeling import compute_response_nll
-
-    monkeypatch.setattr("dpo_ray.sft_objective.compute_response_nll", record)
+    monkeypatch.setattr(ResponseNLL, "forward", record)
     cfg = build_config(None, ["train.mixed_precision=bf16", "train.micro_batch_size=2"])
     device = torch.device("cpu")
     lm = build_policy(cfg, tiny_model_dir, device, None)
@@ -74,7 +76,7 @@ def test_sft_trains_and_evaluates_under_the_precision_recipe(tiny_model_dir, mon
     rows = [SFTExample("a", [1, 40, 41], [50, 2]), SFTExample("b", [1, 43], [51, 52, 2])]
     weighted, loss, sums = objective.compute_micro(rows, rows)
     weighted.backward()
-    metrics = objective.evaluate(rows, lm)
+    metrics = objective.evaluate(rows, objective.trainable_module())
     assert seen == [torch.bfloat16, torch.bfloat16]
     assert sums["tokens"] == 5 and weighted.item() == pytest.approx(loss.item() / 5)
     assert metrics["eval_examples"] == 2 and metrics["eval_loss"] > 0
@@ -101,4 +103,5 @@ def test_sft_rows_read_as_columns_evaluate_as_the_row_list_does(tiny_model_dir, 
     cfg = build_config(None, ["train.micro_batch_size=2"])
     lm = build_policy(cfg, tiny_model_dir, torch.device("cpu"), None)
     objective = SFTObjective(cfg, lm, pad_id=0, device=torch.device("cpu"))
-    assert objective.evaluate(store, lm) == objective.evaluate(rows, lm)
+    scorer = objective.trainable_module()
+    assert objective.evaluate(store, scorer) == objective.evaluate(rows, scorer)
