@@ -3,7 +3,8 @@
     dpo-ray train [--config FILE] [--set section.key=value ...]    # = python workflows/train.py
     dpo-ray sweep --config configs/sweep.yaml                        # = python workflows/sweep.py
     dpo-ray sft --set data.train=pairs.jsonl                         # = python workflows/sft.py
-    dpo-ray demo [--demo key=value ...]                              # = python workflows/demo.py
+    dpo-ray demo [--demo key=value ...] [--seeds N]                  # = python workflows/demo.py
+    dpo-ray iterate [--iterate key=value ...] [--seeds N]            # = python workflows/iterate.py
     dpo-ray make-pairs --model DIR --output DIR                      # = python workflows/make_pairs.py
     dpo-ray make-tiny-model --output DIR                             # = python workflows/make_tiny_model.py
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import shlex
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from dpo_ray import demo as demo_chain
+from dpo_ray import iterate as iterate_rounds
 from dpo_ray.cluster import init_ray
 from dpo_ray.config import (
     BUNDLED_HH_DATA,
@@ -37,11 +40,13 @@ from dpo_ray.config import (
 )
 from dpo_ray.data.formats import DataValidationError
 from dpo_ray.ray_compat import forward_sigterm_as_sigint
+from dpo_ray.seeds import aggregate_seeds, derive_seed_configs, format_seed_table, run_over_seeds, write_seed_report
 from dpo_ray.sft import run_sft
 from dpo_ray.sweep import SUMMARY_FILE as SWEEP_SUMMARY_FILE
 from dpo_ray.sweep import run_sweep
 from dpo_ray.tiny_model import count_saved_parameters, make_tiny_model, read_tokenizer_texts
 from dpo_ray.trainer import SUMMARY_FILE, find_training_plot, run_dpo
+from dpo_ray.verifier import VerifierError, build_verifier
 
 # ------------------------------------------------------------------------------------ shared plumbing
 
@@ -72,7 +77,7 @@ def exit_on_input_error() -> Iterator[None]:
     """A bad config value or unusable input data ends a command with one ``error:`` line and exit status 2."""
     try:
         yield
-    except (ConfigError, DataValidationError) as exc:
+    except (ConfigError, DataValidationError, VerifierError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -210,20 +215,96 @@ def add_demo_settings_argument(parser: argparse.ArgumentParser) -> None:
                         help=f"override a demo setting ({names})")
 
 
+def add_seeds_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seeds", type=int, default=1, metavar="N",
+                        help="run with train.seed, train.seed+1, ... (each in <output_dir>/seed_<seed>) and report the "
+                             "mean and spread; parallel Ray tasks where the cores allow")
+
+
+def cpus_per_chain(cfg: Config, demo: demo_chain.DemoSettings) -> float:
+    """CPUs one demo/iterate chain holds at its widest (its Ray Train workers, or its sampling actors), plus half a
+    CPU for Ray Data's own read and map tasks: chains whose actor pools took every CPU would starve those and hang."""
+    return max(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, demo.num_actors * demo.cpus_per_actor, 1.0) + 0.5
+
+
+def report_seeds(cfg: Config, cfgs: list[Config], summaries: list[dict], labels: dict[str, str], tag: str) -> dict:
+    """Print and write (``seeds.json``) the mean and spread of ``labels``' keys over the seeds."""
+    stats = aggregate_seeds(summaries, list(labels))
+    path = write_seed_report(cfg.resolved_output_dir(), cfgs, summaries, stats)
+    print(f"\n[{tag}] {len(cfgs)} seeds ({', '.join(str(c.train.seed) for c in cfgs)}):\n"
+          + format_seed_table(stats, labels) + f"\n[{tag}] seeds report: {path}", flush=True)
+    return {"seeds": [c.train.seed for c in cfgs], "metrics": stats, "summaries": summaries}
+
+
+DEMO_SEED_LABELS = {
+    "task_accuracy_reference": "task acc, reference (SFT)",
+    "task_accuracy_policy": "task acc, DPO",
+    "task_accuracy_preferred_ft": "task acc, Preferred-FT",
+    "task_accuracy_preferred_ft_matched": "task acc, Preferred-FT small lr",
+    "kl_policy_reference": "KL(.||ref), DPO",
+    "kl_preferred_ft_reference": "KL(.||ref), Preferred-FT",
+    "eval_accuracy": "pref acc, DPO",
+}
+
+
 def main_demo(argv: list[str] | None = None) -> dict[str, Any]:
     """``dpo-ray demo``: SFT reference, self-generated pairs, DPO, Preferred-FT and evaluation on 2-digit addition."""
     parser = build_parser("DPO demo: SFT reference, self-generated pairs, DPO, Preferred-FT, evaluation on a "
                           "small arithmetic task.")
     parser.description += f" Without --config: {demo_chain.DEMO_CONFIG_FILE.relative_to(REPO_ROOT)}."
     add_demo_settings_argument(parser)
+    add_seeds_argument(parser)
     args, cfg = parse_config(parser, argv, build=demo_chain.build_demo_config)
     with exit_on_input_error():
         demo = demo_chain.parse_demo_settings(args.demo)
+        build_verifier(cfg.task)
     print_config(cfg)
     print("[demo] demo settings: " + json.dumps(asdict(demo)), flush=True)
     with exit_on_input_error():
         init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=False)
-    return demo_chain.run_demo(cfg, demo)
+        if args.seeds <= 1:
+            return demo_chain.run_demo(cfg, demo)
+        cfgs = derive_seed_configs(cfg, args.seeds)
+        summaries = run_over_seeds(cfgs, functools.partial(demo_chain.run_demo, demo=demo), cpus_per_chain(cfg, demo))
+    return report_seeds(cfg, cfgs, summaries, DEMO_SEED_LABELS, "demo")
+
+
+def iterate_seed_labels(it: iterate_rounds.IterateSettings) -> dict[str, str]:
+    methods = [iterate_rounds.SFT, iterate_rounds.ITERATIVE, iterate_rounds.PREFERRED_FT, iterate_rounds.ONE_ROUND,
+               iterate_rounds.ONE_ROUND_NO_NLL]
+    labels = {}
+    for key, what in (("task_accuracy", "task acc"), ("kl_sft", "KL(.||SFT)"), ("reward", "reward")):
+        for m in methods:
+            labels[f"{key}_{m}"] = f"{what}, {iterate_rounds.METHOD_LABELS[m]}"
+    return labels
+
+
+def main_iterate(argv: list[str] | None = None) -> dict[str, Any]:
+    """``dpo-ray iterate``: rounds of sample -> verify -> pair -> DPO+NLL, with the Preferred-FT and one-round
+    baselines, on the embedded task or any prompts and checker."""
+    parser = build_parser("Iterative DPO (Iterative RPO): rounds of sampling, checking, pairing and DPO with an NLL "
+                          "term on chosen, against Preferred-FT and one-round DPO at the same budget.")
+    parser.description += f" Without --config: {iterate_rounds.ITERATE_CONFIG_FILE.relative_to(REPO_ROOT)}."
+    add_demo_settings_argument(parser)
+    names = ", ".join(f.name for f in fields(iterate_rounds.IterateSettings))
+    parser.add_argument("--iterate", dest="iterate", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a rounds setting ({names})")
+    add_seeds_argument(parser)
+    args, cfg = parse_config(parser, argv, build=iterate_rounds.build_iterate_config)
+    with exit_on_input_error():
+        demo = demo_chain.parse_demo_settings(args.demo)
+        it = iterate_rounds.parse_iterate_settings(args.iterate)
+        build_verifier(cfg.task)  # a checker that cannot be imported fails here, before Ray starts
+    print_config(cfg)
+    print(f"[iterate] settings: {json.dumps(asdict(it))}; task and sampling: {json.dumps(asdict(demo))}", flush=True)
+    with exit_on_input_error():
+        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=False)
+        if args.seeds <= 1:
+            return iterate_rounds.run_iterate(cfg, demo, it)
+        cfgs = derive_seed_configs(cfg, args.seeds)
+        summaries = run_over_seeds(cfgs, functools.partial(iterate_rounds.run_iterate, demo=demo, it=it),
+                                   cpus_per_chain(cfg, demo))
+    return report_seeds(cfg, cfgs, summaries, iterate_seed_labels(it), "iterate")
 
 
 def main_make_pairs(argv: list[str] | None = None) -> dict[str, Any]:
@@ -286,6 +367,7 @@ COMMANDS: dict[str, Callable[[list[str] | None], Any]] = {
     "sweep": main_sweep,
     "sft": main_sft,
     "demo": main_demo,
+    "iterate": main_iterate,
     "make-pairs": main_make_pairs,
     "make-tiny-model": main_make_tiny_model,
 }

@@ -112,6 +112,10 @@ class DPOSettings:
     label_smoothing: float = 0.0  # label-flip rate in [0, 0.5) assumed by sigmoid (cDPO) and robust; 0 for the others
     rpo_alpha: float = 0.0  # weight of the NLL term on chosen responses (RPO); 0 disables it
     reference: Literal["precomputed", "model", "adapter"] = "precomputed"  # adapter: LoRA only
+    # pi_ref when it is not the starting policy (TRL's ref_model): a hub id or local directory with the policy's
+    # tokenizer, e.g. the fixed SFT model while a later round of iterative DPO starts from the last round's policy.
+    # Empty: pi_ref is the starting policy (model.name_or_path), the paper's setting.
+    ref_model: str = ""
 
 
 @dataclass
@@ -180,6 +184,20 @@ class SweepSettings:
     trial_cpus: float = 0.25  # the trial's own driver function needs only a sliver of a CPU
 
 
+@dataclass
+class TaskSettings:
+    """The verifiable task of self-generated pairs (``dpo-ray iterate``, ``make-pairs``, the demo)."""
+
+    # package.module:function called as f(prompt, answer) -> bool or number; the embedded 2-digit-addition checker
+    # by default. Answers scoring task.pass_score or more are verified correct (chosen); the others are rejected.
+    verifier: str = "dpo_ray.task:check_prompt_answer"
+    pass_score: float = 1.0  # a bool True scores 1.0, so the default accepts exactly what the checker accepts
+    # JSONL of {"prompt": ..., "solution": optional} for the rounds' train and held-out prompts; empty: the embedded
+    # arithmetic task's splits. A solution is the teacher's chosen answer when the student has no verified one.
+    prompts: str = ""
+    heldout_prompts: str = ""
+
+
 HOSTING_SECTIONS = ("ray",)  # settings of the Ray instance a run starts, not of the run: toggling them reuses results
 
 
@@ -207,6 +225,7 @@ class Config:
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     sweep: SweepSettings = field(default_factory=SweepSettings)
     ray: RaySettings = field(default_factory=RaySettings)
+    task: TaskSettings = field(default_factory=TaskSettings)
     output_dir: str = "outputs/default"
     run_name: str = "dpo"  # the same name resumes from the latest checkpoint
     storage_path: str = ""  # Ray Train storage (local, s3://, gs://); empty = <output_dir>/ray_results
@@ -226,6 +245,10 @@ class Config:
         if self.data.cache_dir:
             return Path(self.data.cache_dir).expanduser().resolve()
         return self.resolved_output_dir().parent / "cache"
+
+    def resolve_reference_path(self, model_path: str) -> str:
+        """The model pi_ref is read from: ``dpo.ref_model``, else the starting policy at ``model_path``."""
+        return self.dpo.ref_model or model_path
 
     def max_prompt_length(self) -> int:
         return self.data.max_prompt_length or self.data.max_length // 2
@@ -491,6 +514,11 @@ def _validate_dpo(cfg: Config) -> None:
         cfg.dpo.reference != "adapter" or cfg.model.lora.enabled,
         "dpo.reference",
         "'adapter' needs model.lora.enabled=true (the base model with the adapter off is the reference)",
+    )
+    _require(
+        not cfg.dpo.ref_model or cfg.dpo.reference != "adapter",
+        "dpo.ref_model",
+        "cannot be used with dpo.reference=adapter (the reference is the base model with the adapter off)",
     )
 
 

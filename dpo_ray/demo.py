@@ -51,11 +51,13 @@ from dpo_ray.evaluation import (
 from dpo_ray.generation import GenerationSettings
 from dpo_ray.pairing import make_preference_pairs, write_jsonl
 from dpo_ray.sft import run_sft
-from dpo_ray.task import build_sft_rows, check_prompt_answer, parse_prompt, split_problems
+from dpo_ray.task import build_sft_rows, parse_prompt, split_problems, to_task_prompts
 from dpo_ray.tiny_model import make_tiny_model
 from dpo_ray.trainer import SUMMARY_FILE, run_dpo
+from dpo_ray.verifier import Verifier, build_verifier
 
 STAGE_FILE = "stage.json"
+STAGE_START_FILE = "stage.start.json"  # the key of a stage that started; a stopped stage with the same key resumes
 PLOT_FILE = "demo.png"
 
 # The demo's Config when no --config is given; the file explains each value.
@@ -130,27 +132,46 @@ def fingerprint(value: Any) -> str:
 # ------------------------------------------------------------------------------------ stages
 
 
+class StageInterrupted(SystemExit):
+    """A training stage stopped by Ctrl-C or SIGTERM after saving a checkpoint: the same command resumes it."""
+
+
 def run_stage(name: str, directory: Path, key: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run ``fn`` unless ``directory/stage.json`` records the same ``key``; returns (and records) its result.
 
-    A stage re-run starts from an empty directory (a Ray Train run of the same name would resume instead).
+    A stage that started with the same key but did not finish (stopped, crashed) runs again in its directory, so
+    a Ray Train run inside it resumes from its latest checkpoint; a stage whose key changed starts from an empty
+    directory (a resumed run would continue training made with other settings).
     """
-    record_path = directory / STAGE_FILE
+    record_path, start_path = directory / STAGE_FILE, directory / STAGE_START_FILE
     key = json.loads(json.dumps(key, default=str))
     if record_path.exists():
         record = json.loads(record_path.read_text())
         if record.get("key") == key:
             print(f"[demo] {name}: done before, reusing {directory}", flush=True)
             return record["result"]
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
-    print(f"[demo] {name}: running -> {directory}", flush=True)
+    if start_path.exists() and json.loads(start_path.read_text()).get("key") == key:
+        record_path.unlink(missing_ok=True)
+        print(f"[demo] {name}: resuming in {directory}", flush=True)
+    else:
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        start_path.write_text(json.dumps({"key": key}, indent=2))
+        print(f"[demo] {name}: running -> {directory}", flush=True)
     start = time.perf_counter()
     result = fn()
     result["stage_seconds"] = round(time.perf_counter() - start, 1)
     record_path.write_text(json.dumps({"key": key, "result": result}, indent=2, default=str))
     print(f"[demo] {name}: {result['stage_seconds']} s", flush=True)
     return result
+
+
+def finish_training(summary: dict[str, Any]) -> dict[str, Any]:
+    """A training stage's result; a run stopped by a signal (checkpoint saved) ends the whole chain instead, so
+    that it is not recorded as done and the same command resumes it."""
+    if summary.get("interrupted"):
+        raise StageInterrupted(summary.get("exit_code") or 130)
+    return {"summary": summary}
 
 
 def make_base_model(cfg: Config, demo: DemoSettings, out: Path) -> dict[str, Any]:
@@ -219,7 +240,7 @@ def build_pft_config(dpo_cfg: Config, learning_rate: float, out: Path) -> Config
     })
 
 
-def make_pairs(demo: DemoSettings, sft_model: str, out: Path) -> dict[str, Any]:
+def make_pairs(demo: DemoSettings, sft_model: str, out: Path, verifier: Verifier | None = None) -> dict[str, Any]:
     """Self-generated pairs for the pair prompts (DPO's train data) and the held-out prompts (its eval data)."""
 
     splits = split_problems(demo.sft_prompts, demo.pair_prompts, demo.heldout_prompts, demo.task_seed,
@@ -230,24 +251,24 @@ def make_pairs(demo: DemoSettings, sft_model: str, out: Path) -> dict[str, Any]:
         cpus_per_actor=demo.cpus_per_actor,
     )
     return {
-        "train": make_preference_pairs(splits.pairs, sft_model, settings, out / "train.jsonl",
-                                       demo.max_pairs_per_prompt),
-        "heldout": make_preference_pairs(splits.heldout, sft_model,
+        "train": make_preference_pairs(to_task_prompts(splits.pairs), sft_model, settings, out / "train.jsonl",
+                                       demo.max_pairs_per_prompt, verifier),
+        "heldout": make_preference_pairs(to_task_prompts(splits.heldout), sft_model,
                                          dataclasses.replace(settings, seed=settings.seed + 1),
-                                         out / "heldout.jsonl", demo.max_pairs_per_prompt),
+                                         out / "heldout.jsonl", demo.max_pairs_per_prompt, verifier),
     }
 
 
 def run_dpo_stage(dpo_cfg: Config) -> dict[str, Any]:
     """DPO through :func:`~dpo_ray.trainer.run_dpo`: its summary."""
 
-    return {"summary": run_dpo(dpo_cfg)}
+    return finish_training(run_dpo(dpo_cfg))
 
 
 def run_sft_stage(sft_cfg: Config) -> dict[str, Any]:
     """SFT (the reference, or Preferred-FT): the run's summary."""
 
-    return {"summary": run_sft(sft_cfg)}
+    return finish_training(run_sft(sft_cfg))
 
 
 def collect_policies(runs: dict[str, tuple[Config, dict]]) -> dict[str, str]:
@@ -274,7 +295,7 @@ POLICY_LABELS = {
 
 
 def evaluate_stage(demo: DemoSettings, sft_model: str, policies: dict[str, str], final_steps: dict[str, int],
-                   pairs: dict, dpo_summary: dict) -> dict[str, Any]:
+                   pairs: dict, dpo_summary: dict, verifier: Verifier) -> dict[str, Any]:
     """Held-out task accuracy / reward / KL of every policy, and preference accuracy of the final ones.
 
     ``final_steps`` maps each run (``dpo``, ``preferred_ft``, ...) to its last step, for the plot.
@@ -284,8 +305,7 @@ def evaluate_stage(demo: DemoSettings, sft_model: str, policies: dict[str, str],
                             demo.min_digits, demo.max_digits)
     settings = EvalSettings(num_samples=demo.eval_samples, max_new_tokens=demo.max_digits + 4, seed=demo.task_seed + 7,
                             num_actors=demo.num_actors, cpus_per_actor=demo.cpus_per_actor)
-    scores, rows = evaluate_policies([p.prompt for p in splits.heldout], policies, sft_model, settings,
-                                     check_prompt_answer)
+    scores, rows = evaluate_policies([p.prompt for p in splits.heldout], policies, sft_model, settings, verifier)
     heldout_pairs = read_pairs(pairs["heldout"]["file"])
     preference = {"reference": 0.5}  # pi == pi_ref: every implicit-reward margin is 0, a tie
     for name in final_steps:
@@ -395,13 +415,8 @@ def build_demo_summary(dpo_summary: dict, evaluation: dict, stages: dict, plot: 
 # ------------------------------------------------------------------------------------ the chain
 
 
-def run_demo(cfg: Config, demo: DemoSettings) -> dict[str, Any]:
-    """Run (or reuse) every stage, print the table, write ``summary.json`` and the plot; returns the summary."""
-
-    start = time.perf_counter()
-    out = cfg.resolved_output_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    stages: dict[str, dict] = {}
+def run_reference_stages(cfg: Config, demo: DemoSettings, out: Path, stages: dict[str, dict]) -> str:
+    """The ``model``, ``task`` and ``sft`` stages (recorded in ``stages``): the SFT reference's model directory."""
     base_key = {"tiny": asdict(cfg.model.tiny), "seed": cfg.train.seed, "task": pick(demo, SFT_TASK_FIELDS)}
     stages["model"] = run_stage("model", out / "model_stage", base_key,
                                 lambda: make_base_model(cfg, demo, out / "model_stage"))
@@ -410,9 +425,22 @@ def run_demo(cfg: Config, demo: DemoSettings) -> dict[str, Any]:
     sft_cfg = build_sft_config(cfg, demo, out / "sft", stages["model"]["model_path"], stages["task"])
     stages["sft"] = run_stage("sft", out / "sft", {"base": fingerprint(base_key), "cfg": sft_run_key(sft_cfg)},
                               lambda: run_sft_stage(sft_cfg))
-    sft_model = stages["sft"]["summary"]["final_model_dir"]
-    pairs_key = {"sft": fingerprint(stages["sft"]), "task": pick(demo, TASK_FIELDS), "pairs": pick(demo, PAIR_FIELDS)}
-    stages["pairs"] = run_stage("pairs", out / "pairs", pairs_key, lambda: make_pairs(demo, sft_model, out / "pairs"))
+    return stages["sft"]["summary"]["final_model_dir"]
+
+
+def run_demo(cfg: Config, demo: DemoSettings) -> dict[str, Any]:
+    """Run (or reuse) every stage, print the table, write ``summary.json`` and the plot; returns the summary."""
+
+    start = time.perf_counter()
+    out = cfg.resolved_output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    verifier = build_verifier(cfg.task)
+    stages: dict[str, dict] = {}
+    sft_model = run_reference_stages(cfg, demo, out, stages)
+    pairs_key = {"sft": fingerprint(stages["sft"]), "task": pick(demo, TASK_FIELDS), "pairs": pick(demo, PAIR_FIELDS),
+                 "verifier": asdict(verifier)}
+    stages["pairs"] = run_stage("pairs", out / "pairs", pairs_key,
+                                lambda: make_pairs(demo, sft_model, out / "pairs", verifier))
     pairs_id = fingerprint(stages["pairs"])
 
     runs: dict[str, tuple[Config, dict]] = {}
@@ -432,10 +460,10 @@ def run_demo(cfg: Config, demo: DemoSettings) -> dict[str, Any]:
     policies = collect_policies(runs)
     final_steps = {name: summary["steps"] for name, (_, summary) in runs.items()}
     eval_key = {name: fingerprint(stages[name]) for name in runs}
-    eval_key.update(task=pick(demo, TASK_FIELDS), eval_samples=demo.eval_samples)
+    eval_key.update(task=pick(demo, TASK_FIELDS), eval_samples=demo.eval_samples, verifier=asdict(verifier))
     stages["evaluate"] = run_stage("evaluate", out / "evaluate", eval_key,
                                    lambda: evaluate_stage(demo, sft_model, policies, final_steps, stages["pairs"],
-                                                          stages["dpo"]["summary"]))
+                                                          stages["dpo"]["summary"], verifier))
     evaluation = stages["evaluate"]
     plot = plot_frontier(evaluation, out / PLOT_FILE)
     summary = build_demo_summary(stages["dpo"]["summary"], evaluation, stages, plot, time.perf_counter() - start)

@@ -205,8 +205,10 @@ class DPOObjective:
         return self.scorer
 
     def attach(self, model: torch.nn.Module, model_path: str) -> None:
-        """Take the wrapped module; load the frozen reference model when ``dpo.reference=model``."""
-        ref_lm = build_reference(self.cfg, model_path, self.device) if self.cfg.dpo.reference == "model" else None
+        """Take the wrapped module; load the frozen reference model (``dpo.ref_model``, else the starting policy)
+        when ``dpo.reference=model``."""
+        ref_lm = (build_reference(self.cfg, self.cfg.resolve_reference_path(model_path), self.device)
+                  if self.cfg.dpo.reference == "model" else None)
         self.stepper = DPOStepper(self.cfg, model, self.scorer, ref_lm, self.pad_id, self.device)
 
     def compute_micro(self, rows: Sequence[PairRow], step_rows: Sequence[PairRow]):

@@ -244,7 +244,7 @@ def run_sft(cfg: Config, model_path: str | None = None) -> dict[str, Any]:
     model_path = model_path or prepare_model_path(cfg)
     datasets, _ = prepare_sft_data(cfg, model_path)
     trainer = build_trainer(cfg, datasets, model_path, pad_token_id(model_path, cfg), objective="sft")
-    result, interrupted, _ = fit_trainer(cfg, trainer)
+    result, interrupted, exit_code = fit_trainer(cfg, trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"SFT run {cfg.run_name} finished without a checkpoint")
     final_dir = ""
@@ -264,6 +264,8 @@ def run_sft(cfg: Config, model_path: str | None = None) -> dict[str, Any]:
         "final_model_dir": final_dir,
         "data_report": str(out / REPORT_FILE),
         "checkpoint_path": result.checkpoint.path,
+        "interrupted": interrupted,
+        "exit_code": exit_code,
         "config": cfg.to_dict(),
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import random
 import re
-from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Sequence
+
+from dpo_ray.verifier import CHOSEN_SOLUTION, TaskPrompt, build_verified_pairs, summarize_verdicts
 
 PROMPT_PATTERN = re.compile(r"^([0-9]+)\+([0-9]+)=$")
 ANSWER_PATTERN = re.compile(r"^(0|[1-9][0-9]*)$")  # canonical ASCII decimal: no sign, no leading zeros
@@ -143,31 +144,22 @@ def build_sft_rows(problems: Sequence[Problem]) -> list[dict[str, str]]:
 def build_preference_pairs(problem: Problem, samples: Sequence[str], max_pairs: int = 2) -> list[dict[str, str]]:
     """Explicit-format rows ``{prompt, chosen, rejected}`` from the model's own samples for one prompt.
 
-    Every sample is checked. Distinct wrong answers become ``rejected``, the most frequent first (the
-    model's likeliest mistakes); blank samples are left out, since a response needs text. ``chosen`` is the
-    most frequent verified correct sample, or the known solution when no sample is correct. A prompt
-    the model always answers correctly gives no pair. At most ``max_pairs`` rows per prompt.
+    Every sample is checked; :func:`dpo_ray.verifier.build_verified_pairs` makes the rows, with the known
+    solution as ``chosen`` when no sample is correct. At most ``max_pairs`` rows per prompt.
     """
-    checked = [(s, check_answer(problem, s)) for s in samples]
-    correct = Counter(s for s, ok in checked if ok)
-    wrong = Counter(s for s, ok in checked if not ok and s.strip())
-    if not wrong:
-        return []
-    chosen = correct.most_common(1)[0][0] if correct else problem.answer
-    rejected = [s for s, _ in sorted(wrong.items(), key=lambda kv: (-kv[1], kv[0]))][:max_pairs]
-    return [{"prompt": problem.prompt, "chosen": chosen, "rejected": r} for r in rejected]
+    verdicts = [check_answer(problem, s) for s in samples]
+    rows, _ = build_verified_pairs(problem.prompt, samples, verdicts, problem.answer, CHOSEN_SOLUTION, max_pairs)
+    return rows
 
 
 def summarize_samples(problems: Sequence[Problem], samples: Sequence[Sequence[str]]) -> dict[str, float]:
     """Sample accuracy (mean over all samples), pass@k and the share of prompts with no correct sample."""
-    n = max(len(problems), 1)
-    total = sum(len(s) for s in samples) or 1
-    right = [[check_answer(p, x) for x in s] for p, s in zip(problems, samples)]
-    return {
-        "sample_accuracy": sum(sum(r) for r in right) / total,
-        "pass_at_k": sum(any(r) for r in right) / n,
-        "all_wrong": sum(not any(r) for r in right) / n,
-    }
+    return summarize_verdicts([[check_answer(p, x) for x in s] for p, s in zip(problems, samples)])
+
+
+def to_task_prompts(problems: Sequence[Problem]) -> list[TaskPrompt]:
+    """The problems as a verifiable task's prompts, each with its known solution."""
+    return [TaskPrompt(p.prompt, p.answer) for p in problems]
 
 
 def check_prompt_answer(prompt: str, text: str) -> bool:

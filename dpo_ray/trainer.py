@@ -233,7 +233,7 @@ def run_dpo(cfg: Config, callbacks=None, prepared=None, model_path: str | None =
     if model_path is None:
         model_path = prepare_model_path(cfg)
     if prepared is None:
-        ref_path = model_path if cfg.dpo.reference == "precomputed" else None
+        ref_path = cfg.resolve_reference_path(model_path) if cfg.dpo.reference == "precomputed" else None
         prepared = prepare_data(cfg, tokenizer_path=model_path, reference_model_path=ref_path)
     trainer = build_trainer(
         cfg, {"train": prepared.train, "eval": prepared.eval}, model_path, pad_token_id(model_path, cfg), callbacks

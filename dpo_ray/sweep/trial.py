@@ -25,7 +25,7 @@ class SharedInputs:
 def prepare_shared_inputs(cfg: Config) -> SharedInputs:
     """Model path and prepared data, once on the driver, for all trials (the reference pass runs here)."""
     model_path = prepare_model_path(cfg)
-    ref_path = model_path if cfg.dpo.reference == "precomputed" else None
+    ref_path = cfg.resolve_reference_path(model_path) if cfg.dpo.reference == "precomputed" else None
     prepared = prepare_data(cfg, tokenizer_path=model_path, reference_model_path=ref_path)
     return SharedInputs(model_path=model_path, prepared=prepared)
 
