@@ -148,21 +148,21 @@ def run_stage(name: str, directory: Path, key: dict[str, Any], fn: Callable[[], 
     if record_path.exists():
         record = json.loads(record_path.read_text())
         if record.get("key") == key:
-            print(f"[demo] {name}: done before, reusing {directory}", flush=True)
+            print(f"[stage] {name}: done before, reusing {directory}", flush=True)
             return record["result"]
     if start_path.exists() and json.loads(start_path.read_text()).get("key") == key:
         record_path.unlink(missing_ok=True)
-        print(f"[demo] {name}: resuming in {directory}", flush=True)
+        print(f"[stage] {name}: resuming in {directory}", flush=True)
     else:
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
         start_path.write_text(json.dumps({"key": key}, indent=2))
-        print(f"[demo] {name}: running -> {directory}", flush=True)
+        print(f"[stage] {name}: running -> {directory}", flush=True)
     start = time.perf_counter()
     result = fn()
     result["stage_seconds"] = round(time.perf_counter() - start, 1)
     record_path.write_text(json.dumps({"key": key, "result": result}, indent=2, default=str))
-    print(f"[demo] {name}: {result['stage_seconds']} s", flush=True)
+    print(f"[stage] {name}: {result['stage_seconds']} s", flush=True)
     return result
 
 

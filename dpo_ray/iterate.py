@@ -348,12 +348,14 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path) -> Path:
     for ax, key, label in ((axes[0], "task_accuracy", "greedy task accuracy (held out)"),
                            (axes[1], "kl_sft", "KL(policy || SFT) per held-out prompt (nats)")):
         for method in (ITERATIVE, PREFERRED_FT, ONE_ROUND, ONE_ROUND_NO_NLL):
-            points = sft + [r for r in rows if r["method"] == method]
-            if len(points) > len(sft):
-                style = "o-" if method in (ITERATIVE, PREFERRED_FT) else "s"
-                ax.plot([p["round"] for p in points][len(sft) if style == "s" else 0:],
-                        [p[key] for p in points][len(sft) if style == "s" else 0:], style,
-                        label=METHOD_LABELS[method])
+            own = [r for r in rows if r["method"] == method]
+            if not own:
+                continue
+            in_rounds = method in (ITERATIVE, PREFERRED_FT)  # a line from the SFT model; baselines: one point
+            points = sft + own if in_rounds else own
+            ax.plot([p["round"] for p in points], [p[key] for p in points], "o-" if in_rounds else "s",
+                    label=METHOD_LABELS[method])
+        ax.set_xticks(sorted({r["round"] for r in rows}))
         ax.set_xlabel("round (one-round baselines: at the same total steps)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

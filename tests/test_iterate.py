@@ -244,3 +244,25 @@ def check_prompt_answer_lazily(prompt: str, answer: str) -> bool:
     from dpo_ray.task import check_prompt_answer
 
     return check_prompt_answer(prompt, answer)
+
+
+def accept_digits(prompt: str, answer: str) -> bool:
+    """A lenient checker for the teacher test: any answer made of digits."""
+    return answer.strip().isdigit()
+
+
+def test_a_teacher_model_gives_its_most_frequent_verified_answer(monkeypatch):
+    from dpo_ray.generation import GenerationSettings
+
+    asked = []
+
+    def sample_teacher(prompts, model, settings):  # the teacher's samples, without a model
+        asked.append((prompts, model))
+        return [["7", "x", "7"], ["y", "z", "w"]][: len(prompts)]
+
+    monkeypatch.setattr("dpo_ray.pairing.sample_answers", sample_teacher)
+    prompts = [TaskPrompt("3+4="), TaskPrompt("1+1="), TaskPrompt("2+2=")]
+    answers = find_teacher_answers(prompts, [0, 1], Verifier(f"{__name__}:accept_digits"), "teacher-dir",
+                                   GenerationSettings())
+    assert asked == [(["3+4=", "1+1="], "teacher-dir")]  # only the prompts the student never got right
+    assert answers == {0: "7"}  # the second prompt has no verified teacher answer: no pair, counted by the caller
