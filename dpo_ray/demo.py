@@ -75,6 +75,9 @@ class DemoSettings:
     sft_prompts: int = 3000  # problems with their solutions, the SFT data
     pair_prompts: int = 4000  # prompts the SFT model answers to make DPO's train pairs
     heldout_prompts: int = 500  # evaluation prompts (and held-out pairs)
+    # seed of the tiny model's initialisation and of the SFT run; -1: train.seed. Set it (e.g. 0) with --seeds N to
+    # keep one reference and vary only what follows it: at 550 SFT steps the reference's accuracy depends on the seed
+    reference_seed: int = -1
     # SFT (the reference): short on purpose, so that the reference is imperfect (about half right)
     sft_steps: int = 550
     sft_batch_size: int = 64
@@ -416,7 +419,11 @@ def build_demo_summary(dpo_summary: dict, evaluation: dict, stages: dict, plot: 
 
 
 def run_reference_stages(cfg: Config, demo: DemoSettings, out: Path, stages: dict[str, dict]) -> str:
-    """The ``model``, ``task`` and ``sft`` stages (recorded in ``stages``): the SFT reference's model directory."""
+    """The ``model``, ``task`` and ``sft`` stages (recorded in ``stages``): the SFT reference's model directory.
+
+    They run with ``demo.reference_seed`` as ``train.seed`` when it is set."""
+    if demo.reference_seed >= 0:
+        cfg = derive_config(cfg, {"train.seed": demo.reference_seed})
     base_key = {"tiny": asdict(cfg.model.tiny), "seed": cfg.train.seed, "task": pick(demo, SFT_TASK_FIELDS)}
     stages["model"] = run_stage("model", out / "model_stage", base_key,
                                 lambda: make_base_model(cfg, demo, out / "model_stage"))

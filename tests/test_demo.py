@@ -29,6 +29,7 @@ def test_the_demo_config_defaults_to_configs_demo_yaml_and_takes_overrides():
 def test_demo_settings_parse_and_reject_unknown_or_mistyped_keys():
     demo = parse_demo_settings(["sft_steps=50", "temperature=1", "pft_learning_rate=3e-4"])
     assert (demo.sft_steps, demo.temperature, demo.pft_learning_rate) == (50, 1.0, 3e-4)
+    assert demo.reference_seed == -1 and parse_demo_settings(["reference_seed=0"]).reference_seed == 0
     with pytest.raises(ConfigError, match="sft_stepz"):
         parse_demo_settings(["sft_stepz=5"])
     with pytest.raises(ConfigError, match="'sft_steps' expects int"):
