@@ -221,12 +221,6 @@ def add_seeds_argument(parser: argparse.ArgumentParser) -> None:
                              "mean and spread; parallel Ray tasks where the cores allow")
 
 
-def cpus_per_chain(cfg: Config, demo: demo_chain.DemoSettings) -> float:
-    """CPUs one demo/iterate chain holds at its widest (its Ray Train workers, or its sampling actors), plus half a
-    CPU for Ray Data's own read and map tasks: chains whose actor pools took every CPU would starve those and hang."""
-    return max(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, demo.num_actors * demo.cpus_per_actor, 1.0) + 0.5
-
-
 def report_seeds(cfg: Config, cfgs: list[Config], summaries: list[dict], labels: dict[str, str], tag: str) -> dict:
     """Print and write (``seeds.json``) the mean and spread of ``labels``' keys over the seeds."""
     stats = aggregate_seeds(summaries, list(labels))
@@ -265,7 +259,8 @@ def main_demo(argv: list[str] | None = None) -> dict[str, Any]:
         if args.seeds <= 1:
             return demo_chain.run_demo(cfg, demo)
         cfgs = derive_seed_configs(cfg, args.seeds)
-        summaries = run_over_seeds(cfgs, functools.partial(demo_chain.run_demo, demo=demo), cpus_per_chain(cfg, demo))
+        summaries = run_over_seeds(cfgs, functools.partial(demo_chain.run_demo, demo=demo),
+                                   demo_chain.count_chain_cpus(cfg, demo))
     return report_seeds(cfg, cfgs, summaries, DEMO_SEED_LABELS, "demo")
 
 
@@ -303,7 +298,7 @@ def main_iterate(argv: list[str] | None = None) -> dict[str, Any]:
             return iterate_rounds.run_iterate(cfg, demo, it)
         cfgs = derive_seed_configs(cfg, args.seeds)
         summaries = run_over_seeds(cfgs, functools.partial(iterate_rounds.run_iterate, demo=demo, it=it),
-                                   cpus_per_chain(cfg, demo))
+                                   demo_chain.count_chain_cpus(cfg, demo))
     return report_seeds(cfg, cfgs, summaries, iterate_seed_labels(it), "iterate")
 
 

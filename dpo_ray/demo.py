@@ -123,6 +123,13 @@ def pick(demo: DemoSettings, names: tuple[str, ...]) -> dict[str, Any]:
     return {name: getattr(demo, name) for name in names}
 
 
+def count_chain_cpus(cfg: Config, demo: DemoSettings) -> float:
+    """CPUs one demo or iterate chain holds at its widest (its Ray Train workers, or its sampling actors), plus half
+    a CPU for Ray Data's own read and map tasks: chains whose actor pools took every CPU would starve those and hang
+    (what :func:`dpo_ray.seeds.run_over_seeds` sizes parallel seeds by)."""
+    return max(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, demo.num_actors * demo.cpus_per_actor, 1.0) + 0.5
+
+
 def sft_run_key(cfg: Config) -> dict[str, Any]:
     """What an SFT run depends on: its Config without the DPO and sweep sections, which it does not read."""
     return {k: v for k, v in cfg.to_result_dict().items() if k not in ("dpo", "sweep")}

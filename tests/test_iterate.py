@@ -187,9 +187,10 @@ def test_two_rounds_resume_and_their_pairs_keep_the_invariants(ray_session, tmp_
     from dpo_ray.demo import DemoSettings
     from dpo_ray.task import check_prompt_answer
 
-    demo = DemoSettings(sft_steps=150, pair_prompts=200, heldout_prompts=100, samples_per_prompt=4, eval_samples=2)
+    demo = DemoSettings(sft_steps=100, pair_prompts=120, heldout_prompts=60, samples_per_prompt=4, eval_samples=2)
     it = IterateSettings(rounds=2, steps_per_round=20)
-    cfg = build_iterate_config(None, [f"output_dir={tmp_path / 'it'}", "train.checkpoint_every=10"])
+    cfg = build_iterate_config(None, [f"output_dir={tmp_path / 'it'}", "train.checkpoint_every=10",
+                                      "train.keep_checkpoints=4"])  # step 10 stays, whichever scores best
     summary = run_iterate(cfg, demo, it)
     out = tmp_path / "it"
 
