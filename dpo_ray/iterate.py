@@ -139,11 +139,16 @@ def prepare_sft_model(cfg: Config, demo: DemoSettings, out: Path, stages: dict[s
 # ------------------------------------------------------------------------------------ one round
 
 
+def resolve_answer_tokens(demo: DemoSettings, it: IterateSettings) -> int:
+    """The answer length cap of sampling and evaluation alike: ``max_new_tokens``, else the arithmetic answer's + 4."""
+    return it.max_new_tokens or demo.max_digits + 4
+
+
 def generation_settings(cfg: Config, demo: DemoSettings, it: IterateSettings, round_index: int) -> GenerationSettings:
     """Sampling for round ``round_index``: fresh draws every round and seed."""
     return GenerationSettings(
         num_samples=demo.samples_per_prompt, temperature=demo.temperature,
-        max_new_tokens=it.max_new_tokens or demo.max_digits + 4,
+        max_new_tokens=resolve_answer_tokens(demo, it),
         seed=cfg.train.seed * 1000 + 10 * round_index, num_actors=demo.num_actors, cpus_per_actor=demo.cpus_per_actor,
     )
 
@@ -171,10 +176,10 @@ def build_round_dpo_config(cfg: Config, out: Path, policy: str, reference: str, 
 
 
 def evaluate_round(prompts: list[TaskPrompt], policies: dict[str, str], sft_model: str, heldout_pairs_file: str,
-                   demo: DemoSettings, verifier: Verifier, seed: int) -> dict[str, Any]:
+                   demo: DemoSettings, max_new_tokens: int, verifier: Verifier, seed: int) -> dict[str, Any]:
     """Held-out task accuracy, reward and KL to the SFT model of ``policies``, and their preference accuracy
     (implicit reward against the SFT model) on the round's held-out pairs."""
-    settings = EvalSettings(num_samples=demo.eval_samples, max_new_tokens=demo.max_digits + 4, seed=seed,
+    settings = EvalSettings(num_samples=demo.eval_samples, max_new_tokens=max_new_tokens, seed=seed,
                             num_actors=demo.num_actors, cpus_per_actor=demo.cpus_per_actor)
     scores, _ = evaluate_policies([p.prompt for p in prompts], policies, sft_model, settings, verifier)
     pairs = read_pairs(heldout_pairs_file)
@@ -242,7 +247,7 @@ def run_iterate(cfg: Config, demo: DemoSettings, it: IterateSettings) -> dict[st
                                {"policies": {ITERATIVE: policy_id, PREFERRED_FT: pft_id}, "pairs": fingerprint(pairs),
                                 "eval_samples": demo.eval_samples, **common},
                                lambda: evaluate_round(prompts[1], policies, sft_model, pairs["heldout"]["file"], demo,
-                                                      verifier, cfg.train.seed + 7))
+                                                      resolve_answer_tokens(demo, it), verifier, cfg.train.seed + 7))
         if r == 1:
             rows.append(build_round_row(0, SFT, 0, None, evaluation["scores"]["reference"], 0.5, None, sft_model))
         for name, path in policies.items():
@@ -255,8 +260,8 @@ def run_iterate(cfg: Config, demo: DemoSettings, it: IterateSettings) -> dict[st
     if it.one_round_no_nll:
         baselines[ONE_ROUND_NO_NLL] = 0.0
     for name, rpo_alpha in baselines.items():
-        rows.append(run_one_round_baseline(cfg, demo, it, name, rpo_alpha, sft_model, stages, first_pairs, prompts,
-                                           verifier, out, common))
+        rows.append(run_one_round_baseline(cfg, demo, it, name, rpo_alpha, sft_model, first_pairs, prompts, verifier,
+                                           out, common))
         write_rounds(rows, out / ROUNDS_FILE)
 
     plot = plot_rounds(rows, out / PLOT_FILE)
@@ -267,7 +272,7 @@ def run_iterate(cfg: Config, demo: DemoSettings, it: IterateSettings) -> dict[st
 
 
 def run_one_round_baseline(cfg: Config, demo: DemoSettings, it: IterateSettings, name: str, rpo_alpha: float | None,
-                           sft_model: str, stages: dict, pairs: dict, prompts, verifier: Verifier, out: Path,
+                           sft_model: str, pairs: dict, prompts, verifier: Verifier, out: Path,
                            common: dict) -> dict[str, Any]:
     """DPO from the SFT model on round 1's pairs for ``rounds * steps_per_round`` steps, evaluated like a round."""
     directory = out / name
@@ -280,7 +285,7 @@ def run_one_round_baseline(cfg: Config, demo: DemoSettings, it: IterateSettings,
                            {"policy": fingerprint(dpo), "pairs": fingerprint(pairs), "eval_samples": demo.eval_samples,
                             **common},
                            lambda: evaluate_round(prompts[1], {name: path}, sft_model, pairs["heldout"]["file"], demo,
-                                                  verifier, cfg.train.seed + 7))
+                                                  resolve_answer_tokens(demo, it), verifier, cfg.train.seed + 7))
     return build_round_row(it.rounds, name, budget, pairs["train"], evaluation["scores"][name],
                            evaluation["preference_accuracy"][name], dpo["summary"].get("eval_accuracy"), path)
 
