@@ -765,8 +765,10 @@ def print_report(args, sides: list[dict], pairs: PairSet, facts: dict, gpu_peak:
           f"{args.lr:g} linear decay, no warmup, grad-norm clip 1.0, sigmoid loss, beta 0.1, seed {args.seed}")
     print(f"tokens per epoch: {pairs.seq_tokens:,} = sum of (prompt+chosen) + (prompt+rejected), no padding "
           f"(used for tokens/s of both; a prefix-shared row holds {pairs.shared_tokens:,})")
-    print(f"dpo-ray: {args.workers} worker(s) x {args.cpus_per_worker:g} CPU, "
-          f"micro_batch_size {args.micro_batch_size}, "
+    where = ("the loop in the driver (scaling.num_workers=0, Ray Train's local mode)" if args.workers == 0
+             else f"{args.workers} Ray Train worker(s)")
+    print(f"dpo-ray: {where} x {args.cpus_per_worker:g} CPU, micro_batch_size {args.micro_batch_size}, "
+          f"micro_batch_tokens auto (512 on CPU), idle Ray workers 0, "
           f"precomputed reference, prefix sharing, length bucketing, response-only logits (library defaults)"
           + (f"; extra --set {list(args.dpo_ray_set)}" if args.dpo_ray_set else ""))
     gc = sides[1]["result"].get("gradient_checkpointing")
@@ -919,7 +921,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: one epoch, pairs / batch size)")
     p.add_argument("--lr", type=float, default=1e-3, help="a large step: random-init models barely move at 1e-6")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--workers", type=int, default=1, help="dpo-ray scaling.num_workers")
+    p.add_argument("--workers", type=int, default=0,
+                   help="dpo-ray scaling.num_workers (0: the loop in the driver, one training process as TRL's)")
     p.add_argument("--cpus-per-worker", type=float, default=2.0, help="dpo-ray scaling.cpus_per_worker")
     p.add_argument("--micro-batch-size", type=int, default=8, help="dpo-ray train.micro_batch_size")
     p.add_argument("--dpo-ray-set", action="append", default=[], metavar="KEY=VALUE",
@@ -1026,13 +1029,16 @@ def run_case(args, work: Path, label: str, model_path: str, rows: list[dict], gp
     elif sides:
         print_one_side(args, sides[0])
     if args.sweep_trials and first:
-        cpus = sweep_cpus_per_worker(args)
-        single = run_dpo_ray(args, model_path, pairs, work, False, label="dpo-ray-single", cpus_per_worker=cpus)
+        # a sweep's trials each need a Ray Train worker group (dpo_ray.sweep.preflight.size_sweep): the single run
+        # it is compared with gets one too
+        sweep_args = argparse.Namespace(**{**vars(args), "workers": max(args.workers, 1)})
+        cpus = sweep_cpus_per_worker(sweep_args)
+        single = run_dpo_ray(sweep_args, model_path, pairs, work, False, label="dpo-ray-single", cpus_per_worker=cpus)
         print(f"[bench] single run for the sweep cost: whole job {single['job_s']:.1f} s", flush=True)
-        sweep = run_dpo_ray_sweep(args, model_path, pairs, work, cpus)
+        sweep = run_dpo_ray_sweep(sweep_args, model_path, pairs, work, cpus)
         print(f"[bench] sweep: whole job {sweep['job_s']:.1f} s", flush=True)
         report["sweep_cost"] = compute_sweep_cost(args.sweep_trials, single, sweep)
-        print_sweep_cost(args, report["sweep_cost"], single, sweep, cpus, model_label)
+        print_sweep_cost(sweep_args, report["sweep_cost"], single, sweep, cpus, model_label)
     return report
 
 

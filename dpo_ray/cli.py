@@ -102,7 +102,8 @@ def main_train(argv: list[str] | None = None) -> dict[str, Any]:
     _, cfg = parse_config(build_parser("Train a policy with DPO on Ray Train."), argv)
     print_config(cfg)
     with exit_on_input_error():
-        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=False)
+        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=False,
+                 idle_workers=cfg.ray.idle_workers, runs_stages=False)
         summary = run_dpo(cfg)
     if summary["interrupted"]:
         print(f"[dpo-ray] interrupted at step {summary['steps']}; checkpoint at {summary['checkpoint_path']}. "
@@ -125,7 +126,8 @@ def main_sft(argv: list[str] | None = None) -> dict[str, Any]:
                           argv)
     print_config(cfg)
     with exit_on_input_error():
-        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=False)
+        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=False,
+                 idle_workers=cfg.ray.idle_workers, runs_stages=False)
         summary = run_sft(cfg)
     print(format_fields(summary, ("train_examples", "eval_examples", "steps", "train_loss", "eval_loss",
                                   "wall_seconds")))
@@ -189,7 +191,8 @@ def main_sweep(argv: list[str] | None = None) -> dict[str, Any]:
     _, cfg = parse_config(build_parser("Sweep DPO's beta and learning rate with Ray Tune."), argv)
     print_config(cfg)
     with exit_on_input_error():  # its trials stopped by ASHA free their placement groups through the State API
-        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=True)
+        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=True,
+                 idle_workers=cfg.ray.idle_workers)
     try:
         with exit_on_input_error(), forward_sigterm_as_sigint():
             summary = run_sweep(cfg)
@@ -255,7 +258,8 @@ def main_demo(argv: list[str] | None = None) -> dict[str, Any]:
     print_config(cfg)
     print("[demo] demo settings: " + json.dumps(asdict(demo)), flush=True)
     with exit_on_input_error():
-        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=False)
+        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=False,
+                 idle_workers=cfg.ray.idle_workers)
         if args.seeds <= 1:
             return demo_chain.run_demo(cfg, demo)
         cfgs = derive_seed_configs(cfg, args.seeds)
@@ -293,7 +297,8 @@ def main_iterate(argv: list[str] | None = None) -> dict[str, Any]:
     print_config(cfg)
     print(f"[iterate] settings: {json.dumps(asdict(it))}; task and sampling: {json.dumps(asdict(demo))}", flush=True)
     with exit_on_input_error():
-        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=False)
+        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=False,
+                 idle_workers=cfg.ray.idle_workers)
         if args.seeds <= 1:
             return iterate_rounds.run_iterate(cfg, demo, it)
         cfgs = derive_seed_configs(cfg, args.seeds)

@@ -125,6 +125,11 @@ class TrainSettings:
     learning_rate: float = 1e-6
     batch_size: int = 16  # pairs per optimizer step across all workers
     micro_batch_size: int = 8  # pairs per forward pass per worker; gradient accumulation covers the rest
+    # padded tokens per forward pass (pairs x the longest pair's prompt + chosen + rejected), on top of
+    # micro_batch_size: bounds a step's activation memory whatever the lengths (a longer pair goes alone). 0: no
+    # budget; auto: 512 on CPU, where it costs little speed (epochs.CPU_MICRO_BATCH_TOKENS says what was
+    # measured), none on GPU. The reference pass scores under the same budget
+    micro_batch_tokens: int | Literal["auto"] = AUTO
     max_steps: int = 0  # 0 = run data.epochs over the data
     epochs: int = 1
     seed: int = 42
@@ -154,8 +159,10 @@ class TrainSettings:
 
 @dataclass
 class ScalingSettings:
-    num_workers: int = 2  # two CPU workers exercise DDP even on a laptop; 0 = Ray Train local mode in the driver
-    # (debugging: its checkpoints are not persisted, so such a run cannot resume)
+    # two CPU workers exercise DDP even on a laptop. 0 = Ray Train's local mode: the loop runs in the driver, so a
+    # run is one training process with no worker group, controller or its helper actors (the leanest local run;
+    # checkpoints and resume as usual, dpo_ray.checkpointing.LocalModeCheckpoints); one process, no DDP
+    num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # only when use_gpu
@@ -214,6 +221,10 @@ class RaySettings:
     # the placement groups of trials ASHA stopped (dpo_ray.ray_compat; Ray Train's PlacementGroupCleaner), while a
     # fresh local instance of a single run has no earlier job whose groups could have leaked. true/false force it.
     include_dashboard: bool | Literal["auto"] = AUTO
+    # idle worker processes the instance keeps for later tasks (the raylet's num_workers_soft_limit). Each keeps
+    # what its tasks imported (a tokenizing worker: about 0.5 GB). auto: 0 for train and sft, whose tasks end with
+    # the data stage; Ray's default (one per CPU) for demo, iterate and sweep, which run stage after stage
+    idle_workers: int | Literal["auto"] = AUTO
 
 
 @dataclass
@@ -526,6 +537,8 @@ def _validate_train(cfg: Config) -> None:
     _require(cfg.train.learning_rate > 0, "train.learning_rate", f"must be > 0; got {cfg.train.learning_rate}")
     _require(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     _require(cfg.train.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    _require(cfg.train.micro_batch_tokens == AUTO or cfg.train.micro_batch_tokens >= 0, "train.micro_batch_tokens",
+             "must be >= 0 (0: no token budget) or auto")
     _require(cfg.train.max_steps >= 0, "train.max_steps", "must be >= 0")
     _require(cfg.train.epochs >= 1, "train.epochs", "must be >= 1")
     _require(  # Ray Train's prepare_model refuses FSDP on CPU workers; better now than after the workers start
@@ -548,7 +561,9 @@ def _validate_train(cfg: Config) -> None:
 
 
 def _validate_scaling(cfg: Config) -> None:
-    _require(cfg.scaling.num_workers >= 0, "scaling.num_workers", "must be >= 0 (0 runs in the driver, for debugging)")
+    _require(cfg.ray.idle_workers == AUTO or cfg.ray.idle_workers >= 0, "ray.idle_workers", "must be >= 0 or auto")
+    _require(cfg.scaling.num_workers >= 0, "scaling.num_workers",
+             "must be >= 0 (0: the loop runs in the driver, Ray Train's local mode)")
     _require(cfg.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
     _require(cfg.scaling.max_failures >= 0, "scaling.max_failures", "must be >= 0")
     workers = max(cfg.scaling.num_workers, 1)
@@ -583,7 +598,8 @@ def _validate_sweep(cfg: Config) -> None:
     concurrent, workers = cfg.sweep.max_concurrent_trials, cfg.sweep.workers_per_trial
     _require(concurrent == AUTO or concurrent >= 1, "sweep.max_concurrent_trials",
              f"must be auto or >= 1; got {concurrent}")
-    _require(workers == AUTO or workers >= 0, "sweep.workers_per_trial", f"must be auto or >= 0; got {workers}")
+    # Ray 2.60 refuses ray.train calls inside a Tune trial, so a trial cannot train in Ray Train's local mode
+    _require(workers == AUTO or workers >= 1, "sweep.workers_per_trial", f"must be auto or >= 1; got {workers}")
     _require(0 < cfg.sweep.beta_min <= cfg.sweep.beta_max, "sweep.beta_min", "needs 0 < beta_min <= beta_max")
     _require(0 < cfg.sweep.lr_min <= cfg.sweep.lr_max, "sweep.lr_min", "needs 0 < lr_min <= lr_max")
     for key in cfg.sweep.extra:

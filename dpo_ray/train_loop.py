@@ -25,8 +25,8 @@ from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
 from dpo_ray.checkpointing import TrainState, open_run_checkpoints, save_training_state
 from dpo_ray.config import Config, config_from_dict
-from dpo_ray.distributed import all_reduce_max_many, all_reduce_sum, clip_gradients
-from dpo_ray.epochs import EpochPlanner, count_steps, split_micro_batches
+from dpo_ray.distributed import all_reduce_max, all_reduce_max_many, all_reduce_sum, clip_gradients
+from dpo_ray.epochs import EpochPlanner, count_steps, plan_micro_batches, resolve_micro_batch_tokens, split_to_count
 from dpo_ray.interrupt import StopPoller
 from dpo_ray.modeling import build_policy, gather_model_state, save_policy
 from dpo_ray.objective import resolve_objective
@@ -95,14 +95,15 @@ class WorkerLoop:
     def __init__(self, loop_config: dict[str, Any]):
         cfg = self.cfg = config_from_dict(loop_config["cfg"])
         self.model_path, self.tokenizer_path = loop_config["model_path"], loop_config["tokenizer_path"]
-        self.rank, world, self.device = set_up_worker(cfg)
+        self.rank, self.world, self.device = set_up_worker(cfg)
+        self.micro_batch_tokens = resolve_micro_batch_tokens(cfg.train.micro_batch_tokens, self.device)
         objective_cls = resolve_objective(loop_config.get("objective", "dpo"))
         self.train_rows = objective_cls.read_rows(
             ray.train.get_dataset_shard(f"train_{self.rank}")
         )  # cut on the driver
         has_eval = loop_config.get("has_eval", True)
         self.eval_rows = objective_cls.read_rows(ray.train.get_dataset_shard(f"eval_{self.rank}")) if has_eval else []
-        self.rows_per_step, self.total_steps = count_steps(cfg, len(self.train_rows), world)
+        self.rows_per_step, self.total_steps = count_steps(cfg, len(self.train_rows), self.world)
         self.checkpoints = open_run_checkpoints(cfg, score_attribute=objective_cls.checkpoint_score)
         ckpt_dir = self.checkpoints.find_latest()
         self.lm = build_policy(cfg, self.model_path, self.device, ckpt_dir)
@@ -119,9 +120,18 @@ class WorkerLoop:
         self.last_train: dict[str, float] = {}
         self.segment_start, self.seconds_before = time.perf_counter(), self.state.train_seconds
 
+    def plan_micro_batches(self, step_rows: Sequence) -> list[list[int]]:
+        """The step's forward passes (:func:`~dpo_ray.epochs.plan_micro_batches`); under a token budget every worker
+        runs as many as the worker that needs the most."""
+        lengths = [r.num_tokens for r in step_rows]
+        micro = plan_micro_batches(lengths, self.cfg.train.micro_batch_size, self.micro_batch_tokens)
+        if self.micro_batch_tokens > 0 and self.world > 1:
+            micro = split_to_count(micro, int(all_reduce_max(float(len(micro)), self.device)), lengths)
+        return micro
+
     def accumulate_gradients(self, step_rows: Sequence) -> tuple[bool, dict[str, float]]:
         """Backward of one step over its micro-batches (DDP syncs on the last): (all losses finite, step sums)."""
-        micro = split_micro_batches(list(range(len(step_rows))), self.cfg.train.micro_batch_size)
+        micro = self.plan_micro_batches(step_rows)
         step_sums = dict.fromkeys(self.objective.window_keys, 0.0)
         finite = True
         for m_i, idx in enumerate(micro):

@@ -14,7 +14,7 @@ from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from dpo_ray.checkpointing import build_checkpoint_config, copy_model_dir
-from dpo_ray.cluster import check_cluster_resources
+from dpo_ray.cluster import check_cluster_resources, wait_for_idle_workers_to_exit
 from dpo_ray.config import Config, resolve_data_path
 from dpo_ray.interrupt import GracefulStop
 from dpo_ray.modeling import load_tokenizer
@@ -125,6 +125,10 @@ def start_run(cfg: Config) -> None:
 def fit_trainer(cfg: Config, trainer):
     """Run ``trainer`` with SIGINT/SIGTERM asking for a checkpointed stop, then draw its curves
     (:func:`write_training_plot`, for every objective): (result, interrupted, exit code)."""
+    if cfg.scaling.num_workers == 0:
+        waited = wait_for_idle_workers_to_exit()
+        if waited >= 0.5:
+            logger.info("waited %.1f s for the data stage's idle Ray workers to exit before training here", waited)
     with GracefulStop([cfg.run_name]) as stopper:
         result = trainer.fit()
     if result.error is not None:

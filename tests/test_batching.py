@@ -460,3 +460,73 @@ def test_shard_columns_read_ray_tensor_columns_as_the_lists_they_were():
         table = table.set_column(table.schema.get_field_index(name), name, ArrowTensorArray.from_numpy(ragged))
     assert isinstance(table.column("prompt_ids").type, pa.ExtensionType)
     assert list(collect_shard_rows(ArrowShard(table))) == list(collect_shard_rows(ArrowShard(make_pair_table(7)[0])))
+
+
+# ---------------------------------------------------------------------------- micro-batches under a token budget
+
+
+def test_micro_batches_without_a_token_budget_are_consecutive_chunks():
+    from dpo_ray.epochs import plan_micro_batches
+
+    assert plan_micro_batches([50, 5, 500, 7, 9], max_rows=2, max_tokens=0) == [[0, 1], [2, 3], [4]]
+
+
+def test_micro_batches_keep_the_token_budget_and_every_row_once():
+    from dpo_ray.epochs import plan_micro_batches
+
+    lengths = [457, 120, 130, 300, 90, 460, 118, 125]
+    micro = plan_micro_batches(lengths, max_rows=8, max_tokens=1024)
+    assert sorted(i for m in micro for i in m) == list(range(len(lengths)))
+    for m in micro:
+        assert m == sorted(m)  # rows keep their step order inside a forward
+        assert len(m) * max(lengths[i] for i in m) <= 1024
+    # shortest first: 90, 118, 120, 125, 130 pad to 130 x 5 = 650; then 300 and 457 (2 x 457 = 914); 460 alone
+    assert micro == [[1, 2, 4, 6, 7], [0, 3], [5]]
+    assert plan_micro_batches(lengths, max_rows=3, max_tokens=1024)[0] == [1, 4, 6]  # the row cap still holds
+    assert plan_micro_batches([2000, 10], max_rows=8, max_tokens=1024) == [[1], [0]]  # too long for the budget: alone
+    assert plan_micro_batches([10, 20, 30], max_rows=8, max_tokens=1024) == [[0, 1, 2]]  # all fit: one forward
+
+
+def test_micro_batches_split_to_the_count_another_worker_needs():
+    from dpo_ray.epochs import split_to_count
+
+    lengths = [100, 100, 400, 400]
+    assert split_to_count([[0, 1, 2, 3]], 2, lengths) == [[0, 1], [2, 3]]
+    assert split_to_count([[0, 1], [2, 3]], 3, lengths) == [[0, 1], [2], [3]]  # the costlier one is halved
+    with pytest.raises(ValueError, match="cannot split 2 rows into 3"):
+        split_to_count([[0], [1]], 3, lengths)
+
+
+@pytest.mark.parametrize("max_tokens", [0, 40, 1])
+def test_a_dpo_step_under_a_token_budget_has_the_same_loss_and_gradients(model_dirs, pairs, small_tokenizer,
+                                                                          max_tokens):
+    """The step's weighted micro-batch losses sum to the whole batch's loss, and so do their gradients (fp32)."""
+    from dpo_ray.config import build_config
+    from dpo_ray.dpo import DPOObjective, PairRow
+    from dpo_ray.epochs import plan_micro_batches
+
+    model = _load(model_dirs, "llama", "sdpa")
+    model.train()
+    cfg = build_config(None, [f"model.name_or_path={model_dirs['llama']}", "dpo.beta=0.5"])
+    objective = DPOObjective(cfg, model, small_tokenizer.pad_token_id, torch.device("cpu"))
+    objective.attach(objective.scorer, model_dirs["llama"])
+    rows = [PairRow(str(i), *p, ref_chosen=-3.0 - i, ref_rejected=-2.0 * i) for i, p in enumerate(pairs)]
+
+    def step(micro):
+        model.zero_grad(set_to_none=True)
+        total = 0.0
+        for m in micro:
+            weighted, _, _ = objective.compute_micro([rows[i] for i in m], rows)
+            weighted.backward()
+            total += weighted.item()
+        return total, {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+    micro = plan_micro_batches([r.num_tokens for r in rows], 8, max_tokens)
+    assert len(micro) == {0: 1, 40: 3, 1: len(rows)}[max_tokens]
+    loss, grads = step(micro)
+    whole_loss, whole_grads = step([list(range(len(rows)))])
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    assert loss == pytest.approx(whole_loss, abs=1e-6)
+    for name, g in whole_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")

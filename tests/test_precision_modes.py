@@ -17,7 +17,7 @@ from dpo_ray.config import build_config
 from dpo_ray.data.reference import ReferenceScorer, build_reference_key
 from dpo_ray.distributed import clip_gradients
 from dpo_ray.dpo import DPOStepper, PairRow, evaluate
-from dpo_ray.epochs import plan_epoch, split_micro_batches
+from dpo_ray.epochs import plan_epoch, plan_micro_batches, resolve_micro_batch_tokens
 from dpo_ray.losses import compute_pair_accuracy
 from dpo_ray.modeling import LENGTH_MULTIPLE, PairLogProbs, build_policy, load_tokenizer
 from dpo_ray.precision import (
@@ -102,7 +102,8 @@ def score_reference_like_the_data_stage(cfg, model_dir: str, pairs, pad_id: int)
     """ReferenceScorer's scores of ``pairs``, handed over in blocks of 4 * micro_batch_size as map_batches does."""
     scorer = ReferenceScorer(model_dir, cfg.model.dtype, cfg.train.mixed_precision, cfg.model.attn_implementation,
                              False, pad_id, False, cfg.train.micro_batch_size, cfg.train.logits_chunk_size,
-                             cfg.train.prefix_sharing, cfg.train.response_only_logits, torch.get_num_threads())
+                             cfg.train.prefix_sharing, cfg.train.response_only_logits, torch.get_num_threads(),
+                             cfg.train.micro_batch_tokens)
     num_tokens = np.array([sum(map(len, p)) for p in pairs])
     block = 4 * cfg.train.micro_batch_size
     chosen, rejected = np.zeros(len(pairs)), np.zeros(len(pairs))
@@ -118,8 +119,10 @@ def score_step0_like_the_worker(cfg, model_dir: str, rows: list[PairRow], pad_id
     scorer = PairLogProbs(lm, cfg.train.prefix_sharing, cfg.train.logits_chunk_size, cfg.train.response_only_logits)
     stepper = DPOStepper(cfg, scorer, scorer, None, pad_id, torch.device("cpu"))
     margins, chosen, rejected = (np.full(len(rows), np.nan) for _ in range(3))
+    budget = resolve_micro_batch_tokens(cfg.train.micro_batch_tokens, torch.device("cpu"))
     for step in plan_epoch(rows, cfg.train.batch_size, cfg.train.seed, 0, cfg.train.length_bucketing):
-        for micro in split_micro_batches(step, cfg.train.micro_batch_size):
+        for planned in plan_micro_batches([rows[i].num_tokens for i in step], cfg.train.micro_batch_size, budget):
+            micro = [step[i] for i in planned]
             out, c, r = stepper.compute([rows[i] for i in micro])
             margins[micro] = (out.chosen_rewards - out.rejected_rewards).double().numpy()
             chosen[micro], rejected[micro] = c.double().numpy(), r.double().numpy()

@@ -5,14 +5,18 @@ Pure unit tests: no Ray instance is started here (the session's one from conftes
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from dpo_ray.cluster import RUN_METADATA_KEY, build_job_metadata, choose_address_without_ray_address
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -186,6 +190,7 @@ def test_a_local_train_run_starts_ray_without_the_dashboard_by_default(fake_ray_
     assert kwargs["runtime_env"]["worker_process_setup_hook"] == "dpo_ray.worker_setup.quiet_state_api_warnings"
     assert kwargs["job_config"].metadata == {RUN_METADATA_KEY: str(tmp_path / "out")}
     assert "RAY_API_SERVER_ADDRESS" not in os.environ  # the driver's own environment is left alone
+    assert kwargs["_system_config"] == {"num_workers_soft_limit": 0}  # no idle worker outlives the data stage
 
 
 def test_the_refusing_port_refuses_connections():
@@ -202,6 +207,7 @@ def test_a_local_sweep_keeps_the_dashboard_and_refuses_to_run_without_it(fake_ra
     assert kwargs["include_dashboard"] is True
     assert "RAY_API_SERVER_ADDRESS" not in kwargs["runtime_env"]["env_vars"]
     assert "worker_process_setup_hook" not in kwargs["runtime_env"]
+    assert kwargs["_system_config"] == {}  # trials reuse Ray's idle workers: its default
 
     import dpo_ray.cli as cli
 
@@ -213,9 +219,11 @@ def test_a_local_sweep_keeps_the_dashboard_and_refuses_to_run_without_it(fake_ra
 
 
 def test_the_key_can_ask_for_the_dashboard_on_a_local_train_run(fake_ray_init, monkeypatch, tmp_path):
-    run_command_until_training(monkeypatch, "sft", [f"--set=output_dir={tmp_path}", "--set=ray.include_dashboard=true"])
+    run_command_until_training(monkeypatch, "sft", [f"--set=output_dir={tmp_path}", "--set=ray.include_dashboard=true",
+                                                    "--set=ray.idle_workers=3"])
     [kwargs] = fake_ray_init
     assert kwargs["include_dashboard"] is True
+    assert kwargs["_system_config"] == {"num_workers_soft_limit": 3}
     assert kwargs["runtime_env"]["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
 
 
@@ -227,5 +235,41 @@ def test_joining_a_cluster_leaves_it_as_it_was_started(fake_ray_init, monkeypatc
     run_command_until_training(monkeypatch, "train", [f"--set=output_dir={tmp_path}"])
     [kwargs] = fake_ray_init
     assert kwargs["address"] == "ray://head:10001"
-    assert "include_dashboard" not in kwargs
+    assert "include_dashboard" not in kwargs and "_system_config" not in kwargs
     assert set(kwargs["runtime_env"]["env_vars"]) == {"RAY_DATA_DISABLE_PROGRESS_BARS", "TOKENIZERS_PARALLELISM"}
+
+
+def test_a_negative_idle_worker_count_is_refused_naming_the_key():
+    from dpo_ray.cluster import resolve_idle_workers
+    from dpo_ray.config import ConfigError
+
+    assert resolve_idle_workers("auto", runs_stages=True) is None and resolve_idle_workers("auto", False) == 0
+    with pytest.raises(ConfigError, match="'ray.idle_workers'"):
+        resolve_idle_workers(-1, runs_stages=False)
+
+
+def test_training_in_the_driver_waits_for_exiting_idle_workers():
+    """A process titled as an idle Ray worker (as Ray titles them) is waited for until it exits; nothing is waited
+    for on an instance this process did not start with ``ray.idle_workers`` 0. In a fresh process: this one's
+    descendants include the test session's Ray instance and its idle workers."""
+    import subprocess
+    import sys
+
+    code = """
+import json, subprocess, sys
+import dpo_ray.cluster as cluster
+child = subprocess.Popen([sys.executable, "-c", "import sys, time, ray._raylet; ray._raylet.setproctitle('ray::IDLE'); "
+                          "print('titled', flush=True); time.sleep(2.0)"], stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline().strip() == "titled"
+not_ours = cluster.wait_for_idle_workers_to_exit()
+cluster._started_without_idle_workers = True
+waited = cluster.wait_for_idle_workers_to_exit(timeout_s=20)
+exited = child.poll() is not None
+print(json.dumps([not_ours, waited, exited, cluster.wait_for_idle_workers_to_exit(timeout_s=20)]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    not_ours, waited, exited, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not_ours == 0.0  # not our lean local instance: no wait
+    assert 0.5 < waited < 15 and exited  # waited for the titled process to exit
+    assert after < 0.1  # none left: no wait

@@ -163,6 +163,19 @@ def test_values_the_user_set_are_kept_and_one_that_cannot_fit_is_refused():
         preflight.check_sweep_fits(preflight.size_sweep_config(explicit_workers, {"CPU": 2.0}), {"CPU": 2.0})
 
 
+def test_a_sweep_refuses_trials_without_a_worker_group(monkeypatch):
+    """Ray 2.60 refuses ray.train calls inside a Tune trial, so no trial may train in the driver's local mode."""
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(ConfigError, match="'scaling.num_workers': 0 .* set sweep.workers_per_trial=1"):
+        preflight.size_sweep(build_config(None, ["scaling.num_workers=0"]))
+    with pytest.raises(ConfigError, match="'sweep.workers_per_trial': must be auto or >= 1; got 0"):
+        build_config(None, ["sweep.workers_per_trial=0"])
+    assert preflight.size_sweep(build_config(None, ["scaling.num_workers=0", "sweep.workers_per_trial=1"])
+                                ).scaling.num_workers == 1
+
+
 def test_the_sweep_is_sized_once_from_the_cluster_and_logged(monkeypatch, caplog):
     import ray
 

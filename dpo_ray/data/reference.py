@@ -131,9 +131,10 @@ class ReferenceScorer:
 
     def __init__(self, model_path: str, dtype: str, mixed_precision: str, attn_implementation: str,
                  trust_remote_code: bool, pad_id: int, use_gpu: bool, micro_batch_size: int, chunk_size: int,
-                 prefix_sharing: bool, response_only: bool, num_threads: int):
+                 prefix_sharing: bool, response_only: bool, num_threads: int, micro_batch_tokens: int | str = 0):
         import torch
 
+        from dpo_ray.epochs import resolve_micro_batch_tokens
         from dpo_ray.modeling import PairLogProbs, load_causal_lm
         from dpo_ray.precision import resolve_precision
 
@@ -153,17 +154,21 @@ class ReferenceScorer:
         self.scorer = PairLogProbs(lm, prefix_sharing, chunk_size, response_only).eval()
         self.pad_id = pad_id
         self.micro_batch_size = micro_batch_size
+        self.micro_batch_tokens = resolve_micro_batch_tokens(micro_batch_tokens, self.device)  # as training's
 
     def score(self, pairs: list, num_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """([N] chosen, [N] rejected) float64 summed reference log-probs of ``pairs`` (prompt, chosen,
-        rejected id lists), scored in length-sorted micro-batches under the recipe's autocast."""
+        rejected id lists), scored in length-sorted micro-batches (``micro_batch_size`` pairs and
+        ``micro_batch_tokens``, as training cuts its steps) under the recipe's autocast."""
         import torch
+
+        from dpo_ray.epochs import plan_micro_batches
 
         chosen = np.zeros(len(pairs), dtype=np.float64)
         rejected = np.zeros(len(pairs), dtype=np.float64)
         order = np.argsort(num_tokens, kind="stable")
-        for start in range(0, len(order), self.micro_batch_size):
-            idx = order[start : start + self.micro_batch_size]
+        for micro in plan_micro_batches(num_tokens[order].tolist(), self.micro_batch_size, self.micro_batch_tokens):
+            idx = order[micro]
             batch = self.scorer.build_batch([pairs[i] for i in idx], self.pad_id, self.device)
             with torch.no_grad(), self.recipe.autocast():
                 c, r = self.scorer(batch)
@@ -216,6 +221,7 @@ def add_reference_logps(pairs, cfg, model_path: str, pad_id: int):
             "prefix_sharing": cfg.train.prefix_sharing,
             "response_only": cfg.train.response_only_logits,
             "num_threads": count_cpu_threads(cfg.scaling.cpus_per_worker),  # as the training workers
+            "micro_batch_tokens": cfg.train.micro_batch_tokens,
         },
         **build_scoring_resources(cfg),
     ).materialize()

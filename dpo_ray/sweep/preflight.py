@@ -39,6 +39,10 @@ def size_sweep(cfg: Config) -> Config:
     Resolved once on the driver, before any trial is built; values the user set are kept as they are, and
     ones the cluster cannot hold fail here with the key to change.
     """
+    if cfg.sweep.workers_per_trial == AUTO and cfg.scaling.num_workers == 0:  # what auto would size from
+        raise ConfigError("config key 'scaling.num_workers': 0 (training in the driver) cannot serve a sweep: each "
+                          "trial needs a Ray Train worker group, as Ray 2.60 refuses ray.train calls inside a Tune "
+                          "trial; set sweep.workers_per_trial=1 or more")
     resources = ray.cluster_resources()
     sized = size_sweep_config(cfg, resources)
     check_cluster_resources(sized)
@@ -113,8 +117,8 @@ def choose_workers_per_trial(cfg: Config, resources: dict[str, float]) -> tuple[
 def count_fitting_trials(cfg: Config, workers: int, resources: dict[str, float]) -> int:
     """How many trials with ``workers`` workers each the cluster can run at once.
 
-    A trial holds ``sweep.trial_cpus`` for its own function plus its workers' CPUs (and GPUs); with 0 workers
-    (Ray Train local mode) it trains in its own process, counted as one worker's CPUs.
+    A trial holds ``sweep.trial_cpus`` for its own function plus its workers' CPUs (and GPUs). (0 workers is
+    refused by :func:`size_sweep`; it is counted as 1 here so that the sizing can still say what would fit.)
     """
     per_trial_cpus = cfg.sweep.trial_cpus + max(workers, 1) * cfg.scaling.cpus_per_worker
     fit = math.floor((resources.get("CPU", 0.0) + SLACK) / per_trial_cpus)
