@@ -834,8 +834,8 @@ def print_report(args, sides: list[dict], pairs: PairSet, facts: dict, gpu_peak:
     print("Peak memory, what is counted: RSS = resident pages of each process in the subprocess tree, summed at each "
           f"{args.sample_interval:g} s sample (shared pages - libtorch, Ray's object store - count once per process "
           "that maps them); PSS = the same with shared pages split among the processes, sampled every "
-          f"{10 * args.sample_interval:g} s; training proc. = the Ray Train worker process(es) for dpo-ray, the one "
-          "process for TRL. ru_maxrss = the training process's own peak RSS.")
+          f"{10 * args.sample_interval:g} s; training proc. = for dpo-ray the driver (--workers 0) or the Ray Train "
+          "worker process(es), for TRL its one process. ru_maxrss = the training process's own peak RSS.")
     top = sorted(sides[0]["run"].monitor.peak_rss_breakdown, key=lambda x: -x[1])
     print("  dpo-ray processes at its RSS peak (t = %.1f s): " % sides[0]["run"].monitor.peak_rss_at
           + ", ".join(f"{n.split(' ', 1)[1]} {v / 2**20:.0f}" for n, v in top[:12])

@@ -13,9 +13,9 @@ from dpo_ray.config import AUTO, Config
 from dpo_ray.shard_columns import count_row_tokens
 
 # train.micro_batch_tokens=auto on CPU. Activations share the machine's RAM with everything else, and CPU matmuls run
-# about as fast at 512 tokens per forward as at 4k: on the 20M-parameter benchmark model (HH pairs, 8 per step, up
-# to 457 tokens; 20 steps, one process, 2 cores) budgets of none / 1024 / 512 tokens took 1.54 / 1.69 / 1.45 s per
-# step and peaked at 2,356 / 1,198 / 1,075 MB RSS. GPUs want long forwards, so auto sets no budget there.
+# about as fast at 512 tokens per forward as at 4k: benchmarks/step_memory.py (the CPU benchmark's 20M-parameter
+# model, 20 steps of 8 HH pairs, 2 threads, 2-core VM) measured budgets none / 1024 / 512 at 1.29 / 1.19 / 1.28 s per
+# step and peak RSS 2,338 / 1,208 / 1,029 MB. GPUs want long forwards, so auto sets no budget there.
 CPU_MICRO_BATCH_TOKENS = 512
 
 
