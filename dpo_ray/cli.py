@@ -102,8 +102,7 @@ def main_train(argv: list[str] | None = None) -> dict[str, Any]:
     _, cfg = parse_config(build_parser("Train a policy with DPO on Ray Train."), argv)
     print_config(cfg)
     with exit_on_input_error():
-        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=False,
-                 idle_workers=cfg.ray.idle_workers, runs_stages=False)
+        start_ray(cfg, needs_state_api=False, runs_stages=False)
         summary = run_dpo(cfg)
     if summary["interrupted"]:
         print(f"[dpo-ray] interrupted at step {summary['steps']}; checkpoint at {summary['checkpoint_path']}. "
@@ -126,8 +125,7 @@ def main_sft(argv: list[str] | None = None) -> dict[str, Any]:
                           argv)
     print_config(cfg)
     with exit_on_input_error():
-        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=False,
-                 idle_workers=cfg.ray.idle_workers, runs_stages=False)
+        start_ray(cfg, needs_state_api=False, runs_stages=False)
         summary = run_sft(cfg)
     print(format_fields(summary, ("train_examples", "eval_examples", "steps", "train_loss", "eval_loss",
                                   "wall_seconds")))
@@ -191,8 +189,7 @@ def main_sweep(argv: list[str] | None = None) -> dict[str, Any]:
     _, cfg = parse_config(build_parser("Sweep DPO's beta and learning rate with Ray Tune."), argv)
     print_config(cfg)
     with exit_on_input_error():  # its trials stopped by ASHA free their placement groups through the State API
-        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=True,
-                 idle_workers=cfg.ray.idle_workers)
+        start_ray(cfg, needs_state_api=True)
     try:
         with exit_on_input_error(), forward_sigterm_as_sigint():
             summary = run_sweep(cfg)
@@ -216,6 +213,13 @@ def add_demo_settings_argument(parser: argparse.ArgumentParser) -> None:
     names = ", ".join(f.name for f in fields(demo_chain.DemoSettings))
     parser.add_argument("--demo", dest="demo", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override a demo setting ({names})")
+
+
+def start_ray(cfg: Config, needs_state_api: bool, runs_stages: bool = True) -> None:
+    """:func:`~dpo_ray.cluster.init_ray` for a command's run: its output directory marks the job, and the ``ray``
+    section shapes a local instance it starts (``needs_state_api`` and ``runs_stages`` as there)."""
+    init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard,
+             needs_state_api=needs_state_api, idle_workers=cfg.ray.idle_workers, runs_stages=runs_stages)
 
 
 def add_seeds_argument(parser: argparse.ArgumentParser) -> None:
@@ -258,8 +262,7 @@ def main_demo(argv: list[str] | None = None) -> dict[str, Any]:
     print_config(cfg)
     print("[demo] demo settings: " + json.dumps(asdict(demo)), flush=True)
     with exit_on_input_error():
-        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=False,
-                 idle_workers=cfg.ray.idle_workers)
+        start_ray(cfg, needs_state_api=False)
         if args.seeds <= 1:
             return demo_chain.run_demo(cfg, demo)
         cfgs = derive_seed_configs(cfg, args.seeds)
@@ -297,8 +300,7 @@ def main_iterate(argv: list[str] | None = None) -> dict[str, Any]:
     print_config(cfg)
     print(f"[iterate] settings: {json.dumps(asdict(it))}; task and sampling: {json.dumps(asdict(demo))}", flush=True)
     with exit_on_input_error():
-        init_ray(run_dir=cfg.resolved_output_dir(), include_dashboard=cfg.ray.include_dashboard, needs_state_api=False,
-                 idle_workers=cfg.ray.idle_workers)
+        start_ray(cfg, needs_state_api=False)
         if args.seeds <= 1:
             return iterate_rounds.run_iterate(cfg, demo, it)
         cfgs = derive_seed_configs(cfg, args.seeds)
