@@ -44,7 +44,7 @@ def main(spec_path: str) -> None:
         max_length=spec["max_length"],
         max_steps=spec["max_steps"],
         learning_rate=spec["learning_rate"],
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # transformers' default with torch >= 2.8, and dpo-ray's (train.fused_optimizer)
         logging_steps=1,
         report_to="none",
         bf16=use_gpu,  # TRL's default is bf16=True; CPUs here have no fast bf16 matmuls, so fp32 on CPU

@@ -464,6 +464,7 @@ def dpo_ray_overrides(args, model_path: str, pairs: PairSet, run_dir: Path, gpu:
         "train.epochs": 1,
         "train.learning_rate": args.lr,
         "train.optimizer": "adamw",
+        "train.fused_optimizer": True,  # as TRL's adamw_torch_fused (_trl_worker.py)
         "train.lr_schedule": "linear",
         "train.seed": args.seed,
         "train.log_every": 1,
@@ -761,8 +762,8 @@ def print_report(args, sides: list[dict], pairs: PairSet, facts: dict, gpu_peak:
           f"longest sequence {pairs.max_seq} tokens; "
           f"mean prompt {pairs.mean_prompt:.0f}, mean response {pairs.mean_response:.0f} tokens")
     print(f"skipped while selecting ({pairs.scanned} rows scanned): {pairs.skipped}")
-    print(f"steps {args.steps} x batch {args.batch_size} = {trained_pairs} pairs ({epoch_frac:g} epoch); AdamW, lr "
-          f"{args.lr:g} linear decay, no warmup, grad-norm clip 1.0, sigmoid loss, beta 0.1, seed {args.seed}")
+    print(f"steps {args.steps} x batch {args.batch_size} = {trained_pairs} pairs ({epoch_frac:g} epoch); fused AdamW, "
+          f"lr {args.lr:g} linear decay, no warmup, grad-norm clip 1.0, sigmoid loss, beta 0.1, seed {args.seed}")
     print(f"tokens per epoch: {pairs.seq_tokens:,} = sum of (prompt+chosen) + (prompt+rejected), no padding "
           f"(used for tokens/s of both; a prefix-shared row holds {pairs.shared_tokens:,})")
     where = ("the loop in the driver (scaling.num_workers=0, Ray Train's local mode)" if args.workers == 0
@@ -772,7 +773,7 @@ def print_report(args, sides: list[dict], pairs: PairSet, facts: dict, gpu_peak:
           f"precomputed reference, prefix sharing, length bucketing, response-only logits (library defaults)"
           + (f"; extra --set {list(args.dpo_ray_set)}" if args.dpo_ray_set else ""))
     gc = sides[1]["result"].get("gradient_checkpointing")
-    print("TRL: DPOConfig defaults except batch/max_length/max_steps/lr/optim adamw_torch/logging_steps 1/"
+    print("TRL: DPOConfig defaults except batch/max_length/max_steps/lr/optim adamw_torch_fused/logging_steps 1/"
           f"report_to none/{'bf16' if gpu_peak else 'bf16 off'}/seed; reference = second model copy "
           f"({sides[1]['result'].get('ref_model')}), gradient_checkpointing={gc}"
           + (f"; extra {list(args.trl_set)}" if args.trl_set else ""))

@@ -15,7 +15,7 @@ from dpo_ray.config import Config
 from dpo_ray.distributed import all_reduce_max, all_reduce_sum
 from dpo_ray.epochs import split_micro_batches
 from dpo_ray.losses import LossType, compute_dpo_loss, compute_pair_accuracy, compute_pair_accuracy_strict
-from dpo_ray.modeling import PairLogProbs, build_reference, disabled_adapter
+from dpo_ray.modeling import PairLogProbs, build_reference, disabled_adapter, reads_head_weight
 from dpo_ray.precision import PrecisionRecipe, in_eval_mode, resolve_config_precision
 from dpo_ray.shard_columns import ShardColumns, count_row_tokens, list_row_ids, read_shard_columns
 from dpo_ray.tracking import format_eta
@@ -194,7 +194,8 @@ class DPOObjective:
     def __init__(self, cfg: Config, lm: torch.nn.Module, pad_id: int, device: torch.device):
         self.cfg, self.pad_id, self.device = cfg, pad_id, device
         self.scorer = PairLogProbs(
-            lm, cfg.train.prefix_sharing, cfg.train.logits_chunk_size, cfg.train.response_only_logits
+            lm, cfg.train.prefix_sharing, cfg.train.logits_chunk_size, cfg.train.response_only_logits,
+            fused_linear_head=reads_head_weight(cfg),
         )
         self.stepper: DPOStepper | None = None
 

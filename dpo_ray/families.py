@@ -103,6 +103,16 @@ def output_head(lm: nn.Module, transform: LogitTransform) -> Callable[[torch.Ten
     return lambda hidden: transform(head(hidden))
 
 
+def find_plain_linear_head(lm: nn.Module) -> nn.Linear | None:
+    """``lm``'s output head if it is a plain ``nn.Linear`` with no hooks, so that its weight can be read directly
+    (:func:`dpo_ray.losses.compute_token_logps_linear`); None for a LoRA-wrapped, quantized or hooked head,
+    which must be called as a module."""
+    head = lm.get_output_embeddings()
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return None
+    return head
+
+
 PROBE_TOKENS = 12  # enough positions for every head row to differ; tiny next to any real batch
 
 

@@ -21,11 +21,17 @@ from dpo_ray.config import Config
 from dpo_ray.families import (
     build_prefix_sharing_masks,
     check_logit_head,
+    find_plain_linear_head,
     output_head,
     resolve_logit_transform,
     resolve_prefix_sharing,
 )
-from dpo_ray.losses import compute_token_logps_chunked, resolve_chunk_rows, sum_by_segment
+from dpo_ray.losses import (
+    compute_token_logps_chunked,
+    compute_token_logps_linear,
+    resolve_chunk_rows,
+    sum_by_segment,
+)
 from dpo_ray.precision import in_eval_mode, prepare_for_training, resolve_config_precision
 
 # CPU attention kernels reduce over the padded key length in 16-wide vectors plus a scalar tail, so a pair's
@@ -90,6 +96,39 @@ def unwrap_base_model(lm: nn.Module) -> nn.Module:
     return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
+def reads_head_weight(cfg: Config) -> bool:
+    """Whether the trained scorer may read a plain linear head's weight directly (the fused linear head): not
+    under FSDP, whose units hand their weights out only through the module's own forward and backward hooks."""
+    return cfg.train.strategy != "fsdp"
+
+
+@contextlib.contextmanager
+def sparse_tied_embedding_grad(lm: nn.Module, head: nn.Linear | None):
+    """While the decoder runs under it, a tied input embedding hands back a sparse gradient (the looked-up rows).
+
+    With the fused linear head (``head``, from :func:`~dpo_ray.families.find_plain_linear_head`) the tied
+    weight's dense ``[V, H]`` gradient is already there when the embedding's backward runs, last; a sparse
+    gradient is added into it in place, where a dense one would be a second ``[V, H]`` tensor. Set only for
+    the forward, so a DDP wrapper, which reads ``Embedding.sparse`` when it is built, keeps dense buckets.
+    A no-op without grad, without that head or for an untied or non-``nn.Embedding`` input embedding.
+    """
+    embed = lm.get_input_embeddings()
+    if (
+        head is None
+        or not torch.is_grad_enabled()
+        or not isinstance(embed, nn.Embedding)
+        or embed.sparse
+        or embed.weight is not head.weight
+    ):
+        yield
+        return
+    embed.sparse = True
+    try:
+        yield
+    finally:
+        embed.sparse = False
+
+
 class ResponseTokenScorer(nn.Module):
     """Log-probs of response tokens as the model's own forward computes them, through the fused head.
 
@@ -97,15 +136,21 @@ class ResponseTokenScorer(nn.Module):
     (with the family's logit transform, checked on a probe at construction), ``chunk_size`` rows at a time
     (``"auto"``: :func:`~dpo_ray.losses.resolve_chunk_rows`), fused with the log-softmax
     (:func:`~dpo_ray.losses.compute_token_logps_chunked`); otherwise the model's own ``[B, L, V]`` logits.
+    With ``fused_linear_head`` a plain ``nn.Linear`` head is read as a weight by
+    :func:`~dpo_ray.losses.compute_token_logps_linear` (one ``[V, H]`` weight gradient per backward, not one
+    per chunk); turn it off where the weight must only be touched through the module (FSDP's sharded units).
     The wrapped LM is ``self.lm``, so DDP/FSDP wrap this module and checkpoints drop the ``lm.`` prefix.
     """
 
-    def __init__(self, lm: nn.Module, chunk_size: int | str = "auto", response_only: bool = True):
+    def __init__(
+        self, lm: nn.Module, chunk_size: int | str = "auto", response_only: bool = True, fused_linear_head: bool = True
+    ):
         super().__init__()
         self.lm = lm
         base = unwrap_base_model(lm)
         self.chunk_size = resolve_chunk_rows(chunk_size, count_head_rows(base))
         self.response_only = response_only
+        self.fused_linear_head = fused_linear_head
         if response_only:
             self.logit_transform = resolve_logit_transform(base.config)
             check_logit_head(base, self.logit_transform)
@@ -116,7 +161,14 @@ class ResponseTokenScorer(nn.Module):
         """[N] log p(targets[n]) predicted at ``(rows[n], pos[n])`` of the batch ``inputs`` describes."""
         if self.response_only:
             base = unwrap_base_model(self.lm)
-            hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [B, L, H]
+            linear = find_plain_linear_head(base) if self.fused_linear_head else None
+            with sparse_tied_embedding_grad(base, linear):
+                hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [B, L, H]
+            if linear is not None:
+                transform = self.logit_transform if self.logit_transform.steps else None
+                return compute_token_logps_linear(
+                    hidden[rows, pos], targets, linear.weight, linear.bias, transform, self.chunk_size
+                )
             head = output_head(base, self.logit_transform)
             return compute_token_logps_chunked(hidden[rows, pos], targets, head, self.chunk_size)
         logits = self.lm(**inputs, use_cache=False).logits  # [B, L, V]: the model's own forward, memory-hungry
@@ -151,9 +203,14 @@ class PairLogProbs(ResponseTokenScorer):
     """
 
     def __init__(
-        self, lm: nn.Module, prefix_sharing: bool = True, chunk_size: int | str = "auto", response_only: bool = True
+        self,
+        lm: nn.Module,
+        prefix_sharing: bool = True,
+        chunk_size: int | str = "auto",
+        response_only: bool = True,
+        fused_linear_head: bool = True,
     ):
-        super().__init__(lm, chunk_size, response_only)
+        super().__init__(lm, chunk_size, response_only, fused_linear_head)
         self.prefix_sharing = resolve_prefix_sharing(unwrap_base_model(lm).config, prefix_sharing)
 
     def build_batch(

@@ -15,7 +15,9 @@ from dpo_ray.config import Config
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     if cfg.train.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    return torch.optim.AdamW(
+        params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay, fused=cfg.train.fused_optimizer or None
+    )
 
 
 def build_scheduler(cfg: Config, optimizer, total_steps: int):

@@ -16,7 +16,7 @@ from dpo_ray.batching import build_sft_batch
 from dpo_ray.config import Config
 from dpo_ray.distributed import all_reduce_max, all_reduce_sum
 from dpo_ray.epochs import split_micro_batches
-from dpo_ray.modeling import ResponseNLL
+from dpo_ray.modeling import ResponseNLL, reads_head_weight
 from dpo_ray.precision import in_eval_mode, resolve_config_precision
 from dpo_ray.shard_columns import ShardColumns, read_shard_columns
 
@@ -87,7 +87,8 @@ class SFTObjective:
     def __init__(self, cfg: Config, lm: torch.nn.Module, pad_id: int, device: torch.device):
         self.cfg, self.lm, self.pad_id, self.device = cfg, lm, pad_id, device
         self.recipe = resolve_config_precision(cfg, device)
-        self.scorer = ResponseNLL(lm, cfg.train.logits_chunk_size, cfg.train.response_only_logits)
+        self.scorer = ResponseNLL(lm, cfg.train.logits_chunk_size, cfg.train.response_only_logits,
+                                  fused_linear_head=reads_head_weight(cfg))
         self.model: torch.nn.Module = self.scorer
 
     read_rows = staticmethod(collect_sft_examples)

@@ -10,14 +10,18 @@ adapter on Llama's ``lm_head``. Memory is counted with torch's ``MemTracker`` (l
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from dpo_ray.families import LogitTransform, output_head
-from dpo_ray.losses import compute_token_logps_chunked
-from dpo_ray.modeling import PairLogProbs
+from dpo_ray.families import LogitTransform, find_plain_linear_head, output_head
+from dpo_ray.losses import compute_token_logps_chunked, compute_token_logps_linear
+from dpo_ray.modeling import PairLogProbs, unwrap_base_model
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -33,11 +37,11 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 class TinyLM(nn.Module):
     """Embedding -> one tanh layer -> lm_head, optionally tied to the embedding (as Gemma and small Qwens)."""
 
-    def __init__(self, vocab: int, hidden: int, tied: bool):
+    def __init__(self, vocab: int, hidden: int, tied: bool, head_bias: bool = False):
         super().__init__()
         self.embed = nn.Embedding(vocab, hidden)
         self.mix = nn.Linear(hidden, hidden)
-        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        self.lm_head = nn.Linear(hidden, vocab, bias=head_bias)
         if tied:
             self.lm_head.weight = self.embed.weight
 
@@ -53,39 +57,78 @@ def plain_token_logps(hidden, targets, head) -> torch.Tensor:
     return torch.log_softmax(head(hidden).float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
-def token_logps_and_grads(lm: TinyLM, transform: LogitTransform, ids, targets, weights, fused_chunk: int | None):
-    """([N] log-probs, grad of the hidden states, {param name: grad}) of ``sum(weights * logps)``."""
+def score_tokens(path: str, lm: TinyLM, transform: LogitTransform, hidden, targets, chunk: int) -> torch.Tensor:
+    """[N] log-probs by ``path``: plain (the oracle), module (the generic fused head) or linear (the weight read
+    directly, as :class:`~dpo_ray.modeling.PairLogProbs` does for a plain ``nn.Linear`` head)."""
+    if path == "plain":
+        return plain_token_logps(hidden, targets, output_head(lm, transform))
+    if path == "module":
+        return compute_token_logps_chunked(hidden, targets, output_head(lm, transform), chunk_size=chunk)
+    return compute_token_logps_linear(hidden, targets, lm.lm_head.weight, lm.lm_head.bias,
+                                      transform if transform.steps else None, chunk_size=chunk)
+
+
+def token_logps_and_grads(lm: TinyLM, transform: LogitTransform, batches, path: str, chunk: int = 0):
+    """([N] log-probs of the last batch, grad of its hidden states, {param name: grad}) after one backward of
+    ``sum(weights * logps)`` per (ids, targets, weights) batch, without zeroing in between (gradient
+    accumulation over micro-batches)."""
     lm.zero_grad(set_to_none=True)
-    hidden = lm.hidden_states(ids)
-    hidden.retain_grad()
-    head = output_head(lm, transform)
-    if fused_chunk is None:
-        logps = plain_token_logps(hidden, targets, head)
-    else:
-        logps = compute_token_logps_chunked(hidden, targets, head, chunk_size=fused_chunk)
-    (logps * weights).sum().backward()
+    for ids, targets, weights in batches:
+        hidden = lm.hidden_states(ids)
+        hidden.retain_grad()
+        logps = score_tokens(path, lm, transform, hidden, targets, chunk)
+        (logps * weights).sum().backward()
     return logps.detach(), hidden.grad, {n: p.grad.clone() for n, p in lm.named_parameters()}
+
+
+def random_token_batches(count: int, tokens: int = 23, vocab: int = 50) -> list:
+    """(ids, targets, per-token upstream gradients as DPO's per-pair weights make them) per micro-batch."""
+    return [(torch.randint(0, vocab, (tokens,)), torch.randint(0, vocab, (tokens,)), torch.randn(tokens))
+            for _ in range(count)]
 
 
 @pytest.mark.parametrize("transform", list(TRANSFORMS), ids=list(TRANSFORMS))
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("chunk_size", [1, 5, 64])
-def test_fused_head_values_and_gradients_equal_the_plain_path_in_fp32(transform, tied, chunk_size):
+@pytest.mark.parametrize("path", ["module", "linear"])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_fused_head_values_and_gradients_equal_the_plain_path_in_fp32(transform, tied, chunk_size, path,
+                                                                       micro_batches):
+    """Both fused paths, one micro-batch (the weight has no ``.grad`` yet) and two (the linear path adds the second
+    into the existing ``.grad`` in place), against the whole logits at once; the head has a bias."""
     torch.manual_seed(0)
-    lm = TinyLM(vocab=50, hidden=12, tied=tied)
+    lm = TinyLM(vocab=50, hidden=12, tied=tied, head_bias=True)
     with torch.no_grad():
         for p in lm.parameters():
             p.normal_(0.0, 0.5)  # wide, so that the soft-cap saturates for some logits
-    ids, targets = torch.randint(0, 50, (23,)), torch.randint(0, 50, (23,))
-    weights = torch.randn(23)  # per-token upstream gradients, as DPO's per-pair weights make them
-    want = token_logps_and_grads(lm, TRANSFORMS[transform], ids, targets, weights, fused_chunk=None)
-    got = token_logps_and_grads(lm, TRANSFORMS[transform], ids, targets, weights, fused_chunk=chunk_size)
+    batches = random_token_batches(micro_batches)
+    want = token_logps_and_grads(lm, TRANSFORMS[transform], batches, "plain")
+    got = token_logps_and_grads(lm, TRANSFORMS[transform], batches, path, chunk_size)
     torch.testing.assert_close(got[0], want[0], **TOL)
     torch.testing.assert_close(got[1], want[1], **TOL)
-    assert set(got[2]) == set(want[2]) == ({"embed.weight", "mix.weight", "mix.bias"} | ({"lm_head.weight"}
-                                                                                      if not tied else set()))
+    assert set(got[2]) == set(want[2]) == ({"embed.weight", "mix.weight", "mix.bias", "lm_head.bias"}
+                                           | ({"lm_head.weight"} if not tied else set()))
     for name in want[2]:
+        assert got[2][name].layout == torch.strided, name
         torch.testing.assert_close(got[2][name], want[2][name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_linear_head_writes_the_second_micro_batch_into_the_existing_grad():
+    """The same ``.grad`` tensor holds both micro-batches' head gradients (no second [V, H] buffer is handed to
+    autograd); ``torch.autograd.grad`` therefore sees zeros for the weight, which the docstring warns of."""
+    torch.manual_seed(3)
+    lm = TinyLM(vocab=50, hidden=12, tied=False)
+    (ids, targets, weights), second = random_token_batches(2)
+    logps = score_tokens("linear", lm, LogitTransform(), lm.hidden_states(ids), targets, 8)
+    (logps * weights).sum().backward()
+    grad = lm.lm_head.weight.grad
+    first = grad.clone()
+    logps = score_tokens("linear", lm, LogitTransform(), lm.hidden_states(second[0]), second[1], 8)
+    (logps * second[2]).sum().backward()
+    assert lm.lm_head.weight.grad is grad and not torch.equal(grad, first)
+    logps = score_tokens("linear", lm, LogitTransform(), lm.hidden_states(ids), targets, 8)
+    (weight_grad,) = torch.autograd.grad((logps * weights).sum(), lm.lm_head.weight)
+    assert weight_grad.to_dense().abs().max() == 0
 
 
 class CountingHead(nn.Module):
@@ -145,26 +188,60 @@ def build_e2e_model(case: str) -> nn.Module:
     return lm.eval()
 
 
-def pair_logps_and_grads(lm: nn.Module, response_only: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def pair_logps_and_grads(lm: nn.Module, response_only: bool, wrap=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(log-probs, {param: grad}) after two micro-batches' backward (the second accumulates into ``.grad``), the
+    scorer wrapped by ``wrap`` (DDP) if given, the first micro-batch under its ``no_sync`` as the loop runs it."""
     lm.zero_grad(set_to_none=True)
     scorer = PairLogProbs(lm, prefix_sharing=True, chunk_size=3, response_only=response_only)
-    chosen, rejected = scorer(scorer.build_batch(PAIRS, pad_id=0))
-    (chosen.sum() - 0.7 * rejected.sum()).backward()
+    model = wrap(scorer) if wrap else scorer
+    logps = []
+    for micro, sync in ((PAIRS[:2], False), (PAIRS[2:], True)):
+        with model.no_sync() if wrap and not sync else contextlib.nullcontext():
+            chosen, rejected = model(scorer.build_batch(micro, pad_id=0))
+            (chosen.sum() - 0.7 * rejected.sum()).backward()
+        logps.append(torch.stack([chosen, rejected]).detach())
     grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.requires_grad}
-    return torch.stack([chosen, rejected]).detach(), grads
+    return torch.cat(logps, dim=1), grads
+
+
+def assert_same_gradients(got: dict, want: dict) -> None:
+    assert set(got) == set(want) and all(g.abs().max() > 0 for g in got.values())
+    for name in want:
+        assert got[name].layout == torch.strided, name
+        torch.testing.assert_close(got[name], want[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("case", list(E2E))
 def test_every_parameter_gradient_equals_the_models_own_forward_in_fp32(case):
+    """Two accumulated micro-batches. The tied Gemma 2 takes the linear head (the weight's gradient written into
+    ``.grad``) and the sparse embedding gradient; the LoRA-wrapped head takes the module path."""
     lm = build_e2e_model(case)
     want_logps, want = pair_logps_and_grads(lm, response_only=False)
     got_logps, got = pair_logps_and_grads(lm, response_only=True)
     torch.testing.assert_close(got_logps, want_logps, **TOL)
     if E2E[case][2]:
         assert any("lm_head" in n and "lora" in n for n in got), "the LoRA adapter on lm_head gets a gradient"
-    assert set(got) == set(want) and all(g.abs().max() > 0 for g in got.values())
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
+    assert not lm.get_input_embeddings().sparse  # set for the forward only
+    assert (find_plain_linear_head(unwrap_base_model(lm)) is None) == E2E[case][2]  # which path ran
+    assert_same_gradients(got, want)
+
+
+def test_gradients_under_ddp_equal_the_models_own_forward(tmp_path):
+    """DDP (a one-process gloo group: its reducer, buckets and hooks as on many) around the scorer of a tied,
+    soft-capped Gemma 2: the head's gradient written into ``.grad`` and the embedding's sparse one reach DDP's
+    dense bucket, which DDP built from ``Embedding.sparse`` = False."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    lm = build_e2e_model("gemma2-tied-softcap")
+    want_logps, want = pair_logps_and_grads(lm, response_only=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        got_logps, got = pair_logps_and_grads(lm, response_only=True, wrap=DDP)
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(got_logps, want_logps, **TOL)
+    assert_same_gradients(got, want)
 
 
 # ---------------------------------------------------------------------------- memory
@@ -234,3 +311,50 @@ def test_auto_chunks_hold_the_same_logits_whatever_the_vocabulary():
     assert resolve_chunk_rows(300, 151936) == 300  # an explicit row count is kept
     assert build_config(None, []).train.logits_chunk_size == "auto"
     assert build_config(None, ["train.logits_chunk_size=512"]).train.logits_chunk_size == 512
+
+
+class CountLargeAllocations(TorchDispatchMode):
+    """Counts the new dense tensors of at least ``numel`` elements that ops create (views and in-place results,
+    which share an input's storage, are not new). MemTracker cannot follow sparse tensors, which the linear
+    head's backward returns."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.layout == torch.strided}
+        for t in tree_leaves(out):
+            if (isinstance(t, torch.Tensor) and t.layout == torch.strided and t.numel() >= self.numel
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.count += 1
+        return out
+
+
+def count_weight_sized_tensors(path: str, vocab: int = 512, hidden_size: int = 16, tokens: int = 64, chunk: int = 8):
+    """New [V, H]-sized tensors made by forward + backward while the head weight already holds a ``.grad`` (a
+    step's second micro-batch): ``module`` through :func:`compute_token_logps_chunked`, ``linear`` through
+    :func:`compute_token_logps_linear`; chunks of 8 rows, so a chunk's [8, V] logits are far smaller."""
+    torch.manual_seed(0)
+    weight = torch.randn(vocab, hidden_size, requires_grad=True)
+    weight.grad = torch.randn_like(weight)
+    before = weight.grad.clone()
+    hidden = torch.randn(tokens, hidden_size, requires_grad=True)
+    targets, weights = torch.randint(0, vocab, (tokens,)), torch.randn(tokens)
+    with CountLargeAllocations(vocab * hidden_size) as counter:
+        if path == "module":
+            logps = compute_token_logps_chunked(hidden, targets, lambda h: F.linear(h, weight), chunk)
+        else:
+            logps = compute_token_logps_linear(hidden, targets, weight, chunk_size=chunk)
+        (logps * weights).sum().backward()
+    assert not torch.equal(weight.grad, before)
+    return counter.count
+
+
+def test_linear_head_adds_into_the_grad_without_a_weight_sized_buffer():
+    """With a ``.grad`` already there, autograd through the module makes a [V, H] gradient per chunk (and sums
+    them into a second one); the linear head adds each chunk's straight into ``.grad``."""
+    counts = {path: count_weight_sized_tensors(path) for path in ("module", "linear")}
+    assert counts == {"module": counts["module"], "linear": 0} and counts["module"] >= 8, counts
