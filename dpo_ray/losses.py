@@ -167,6 +167,9 @@ class _LinearHeadTargetLogps(torch.autograd.Function):
             out[rows] = logits.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1) - lse[rows]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.transform, ctx.chunk_size = transform, chunk_size
+        # the backward recomputes the logits under the forward's autocast, so that they are the ones lse came from
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return out
 
     @staticmethod
@@ -176,16 +179,20 @@ class _LinearHeadTargetLogps(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight, returned_weight_grad = _weight_grad_buffer(weight) if want_weight else (None, None)
         grad_bias = torch.zeros_like(bias) if want_bias else None
-        for rows in _chunk_slices(hidden.shape[0], ctx.chunk_size):
-            h, g = hidden[rows], grad[rows].unsqueeze(-1)
-            grad_raw = _chunk_logits_grad(h, weight, bias, targets[rows], lse[rows], g, ctx.transform)
-            if want_hidden:
-                torch.mm(grad_raw, weight, out=grad_hidden[rows])
-            if want_weight:
-                grad_weight.addmm_(grad_raw.t(), h)
-            if want_bias:
-                grad_bias.add_(grad_raw.sum(0))
-            del grad_raw
+        device, autocast, autocast_dtype = ctx.autocast
+        with torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
+            for rows in _chunk_slices(hidden.shape[0], ctx.chunk_size):
+                h, g = hidden[rows], grad[rows].unsqueeze(-1)
+                grad_raw = _chunk_logits_grad(h, weight, bias, targets[rows], lse[rows], g, ctx.transform)
+                if want_hidden:
+                    grad_hidden[rows] = torch.mm(grad_raw, weight)  # in autocast's dtype under autocast
+                if want_weight and grad_raw.dtype == h.dtype == grad_weight.dtype:
+                    grad_weight.addmm_(grad_raw.t(), h)
+                elif want_weight:  # autocast: the product in its dtype (as autograd's would be), added in fp32
+                    grad_weight.add_(torch.mm(grad_raw.t(), h))
+                if want_bias:
+                    grad_bias.add_(grad_raw.sum(0))
+                del grad_raw
         return grad_hidden, returned_weight_grad, grad_bias, None, None, None
 
 
@@ -205,21 +212,29 @@ def _weight_grad_buffer(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _chunk_logits_grad(h, weight, bias, targets, lse, g, transform) -> torch.Tensor:
-    """[n, V] d(sum g * logp[target])/d(head output) of one chunk, in the weight's dtype.
+    """[n, V] d(sum g * logp[target])/d(head output) of one chunk, in the head output's dtype.
 
     d/dlogits = g * (onehot(target) - softmax), built in place in one fp32 buffer, then chained through the
     family's transform by its own autograd (soft-capping's derivative is the model's own).
     """
     if transform is None:
-        logits = F.linear(h, weight, bias).float()  # a fresh buffer either way: the softmax goes in place
+        raw = F.linear(h, weight, bias)
+        logits = raw.float()  # raw itself in fp32: the softmax goes in place either way
+        del raw
         grad_logits = logits.sub_(lse.unsqueeze(-1)).exp_().mul_(-g)
-        return grad_logits.scatter_add_(-1, targets.unsqueeze(-1), g).to(weight.dtype)
+        return grad_logits.scatter_add_(-1, targets.unsqueeze(-1), g).to(_head_dtype(h, weight))
     with torch.enable_grad():
         raw = F.linear(h, weight, bias).detach().requires_grad_()
         logits = transform(raw).float()
     grad_logits = (logits.detach() - lse.unsqueeze(-1)).exp_().mul_(-g)
     grad_logits.scatter_add_(-1, targets.unsqueeze(-1), g)
     return torch.autograd.grad(logits, raw, grad_logits)[0]
+
+
+def _head_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear(hidden, weight)`` computes in here: autocast's when it is on, else the weight's."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
 def _chunk_slices(n: int, chunk_size: int) -> list[slice]:

@@ -113,6 +113,28 @@ def test_fused_head_values_and_gradients_equal_the_plain_path_in_fp32(transform,
         torch.testing.assert_close(got[2][name], want[2][name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("transform", ["none", "gemma-softcap"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_linear_head_under_bf16_autocast_matches_the_module_path(transform, tied):
+    """Under autocast (bf16 on GPU by default; CPU autocast here) the backward recomputes each chunk's logits in
+    autocast's dtype, as the forward made them, and multiplies in it, as autograd through the module does. Against
+    the fp32 oracle its gradients are no further off than the module path's (which also sums the chunks' weight
+    gradients in bf16, where the linear head adds them in fp32)."""
+    torch.manual_seed(4)
+    lm = TinyLM(vocab=50, hidden=16, tied=tied, head_bias=True)
+    batches = random_token_batches(2)
+    oracle = token_logps_and_grads(lm, TRANSFORMS[transform], batches, "plain")
+    results, errors = {}, {}
+    for path in ("module", "linear"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[path] = token_logps_and_grads(lm, TRANSFORMS[transform], batches, path, chunk=5)
+        errors[path] = max((results[path][2][n] - g).abs().max().item() for n, g in oracle[2].items())
+    assert torch.equal(results["linear"][0], results["module"][0])  # the same bf16 logits, the same log-softmax
+    torch.testing.assert_close(results["linear"][1], results["module"][1], rtol=2e-2, atol=1e-3)
+    assert errors["linear"] <= 1.25 * errors["module"] + 1e-6, errors
+    assert errors["module"] > 1e-4  # bf16 did change the gradients: the comparison means something
+
+
 def test_linear_head_writes_the_second_micro_batch_into_the_existing_grad():
     """The same ``.grad`` tensor holds both micro-batches' head gradients (no second [V, H] buffer is handed to
     autograd); ``torch.autograd.grad`` therefore sees zeros for the weight, which the docstring warns of."""
