@@ -16,7 +16,7 @@ hold no ``.grad`` yet), ``bwdn`` (later backwards, which accumulate into ``.grad
 * ``for-loop AdamW``: ``train.fused_optimizer=false``;
 * ``module head``: the head called as a module under ``torch.utils.checkpoint`` (what FSDP uses), so autograd makes
   one [V, H] weight gradient per chunk, and the tied embedding's gradient is dense;
-* ``module head, for-loop AdamW``: both, i.e. the code before these savings.
+* ``module head + for-loop AdamW``: both, i.e. the code before these savings.
 
 RSS includes what glibc keeps of freed memory: the ``between`` row shows it (a few hundred MB after the first steps).
 """
@@ -41,7 +41,7 @@ VARIANTS = {  # name -> (linear head, fused AdamW)
     "all": (True, True),
     "for-loop AdamW": (True, False),
     "module head": (False, True),
-    "module head, for-loop AdamW": (False, False),
+    "module head + for-loop AdamW": (False, False),
 }
 
 
