@@ -69,10 +69,13 @@ class _TargetLogSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits, targets, lse = ctx.saved_tensors
-        grad_logits = (logits - lse.unsqueeze(-1)).exp_()  # softmax
-        grad_logits.mul_(-grad.unsqueeze(-1))
-        grad_logits.scatter_add_(-1, targets.unsqueeze(-1), grad.unsqueeze(-1))
-        return grad_logits, None
+        return _target_logsoftmax_grad(logits - lse.unsqueeze(-1), targets, grad.unsqueeze(-1)), None
+
+
+def _target_logsoftmax_grad(shifted: torch.Tensor, targets: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """[n, V] d(sum g * log_softmax[target])/dlogits = g * (onehot(target) - softmax), built in place in
+    ``shifted`` = logits - logsumexp (a fresh buffer the caller gives up); ``g`` is [n, 1]."""
+    return shifted.exp_().mul_(-g).scatter_add_(-1, targets.unsqueeze(-1), g)
 
 
 def _chunk_token_logps(
@@ -219,22 +222,14 @@ def _chunk_logits_grad(h, weight, bias, targets, lse, g, transform) -> torch.Ten
     """
     if transform is None:
         raw = F.linear(h, weight, bias)
-        logits = raw.float()  # raw itself in fp32: the softmax goes in place either way
+        dtype, logits = raw.dtype, raw.float()  # raw itself in fp32: the softmax goes in place either way
         del raw
-        grad_logits = logits.sub_(lse.unsqueeze(-1)).exp_().mul_(-g)
-        return grad_logits.scatter_add_(-1, targets.unsqueeze(-1), g).to(_head_dtype(h, weight))
+        return _target_logsoftmax_grad(logits.sub_(lse.unsqueeze(-1)), targets, g).to(dtype)
     with torch.enable_grad():
         raw = F.linear(h, weight, bias).detach().requires_grad_()
         logits = transform(raw).float()
-    grad_logits = (logits.detach() - lse.unsqueeze(-1)).exp_().mul_(-g)
-    grad_logits.scatter_add_(-1, targets.unsqueeze(-1), g)
+    grad_logits = _target_logsoftmax_grad(logits.detach() - lse.unsqueeze(-1), targets, g)
     return torch.autograd.grad(logits, raw, grad_logits)[0]
-
-
-def _head_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype ``F.linear(hidden, weight)`` computes in here: autocast's when it is on, else the weight's."""
-    device = hidden.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
 def _chunk_slices(n: int, chunk_size: int) -> list[slice]:
