@@ -658,9 +658,12 @@ def print_sweep_cost(args, cost: dict, single: dict, sweep: dict, cpus_per_worke
     statuses = ", ".join(f"{n} {c}" for n, c in (summ.get("statuses") or {}).items())
     print()
     print(f"=== sweep cost: {k} trials vs {k} single runs + one reference pass: {model_label} ===")
-    print(f"each trial = the single run: {args.workers} worker(s) x {cpus_per_worker:g} CPU (+ {SWEEP_TRIAL_CPUS:g} "
-          f"for the trial's own function), {args.steps} steps x batch {args.batch_size}; no ASHA, "
-          f"{args.sweep_concurrent} trial(s) at once")
+    in_trial = args.workers == 1 and "sweep.train_in_trial=false" not in args.dpo_ray_set
+    where = ("trained in the trial's own process (sweep.train_in_trial)" if in_trial
+             else f"a Ray Train worker group (+ {SWEEP_TRIAL_CPUS:g} CPU for the trial's own function)")
+    print(f"each trial = the single run: {args.workers} worker(s) x {cpus_per_worker:g} CPU, {where}, {args.steps} "
+          f"steps x batch {args.batch_size}; no ASHA, {args.sweep_concurrent} trial(s) at once; the single run "
+          f"trains in a Ray Train worker")
     print(f"  single run, whole job           {cost['single_job_s']:8.1f} s  = reference pass "
           f"{cost['single_ref_s']:.1f} + training loop {cost['single_train_s']:.1f} "
           f"(trainer.fit {cost['single_fit_s']:.1f}) + the rest; "

@@ -182,9 +182,6 @@ class LocalModeCheckpoints(RayTrainCheckpoints):
         return fetch_checkpoint(self.filesystem, find_complete_checkpoint(self.filesystem, self.run_dir))
 
     def report(self, metrics: dict[str, Any], write_fn: Callable[[Path], None]) -> None:
-        import ray.train
-        from ray.train import Checkpoint
-
         staging = make_staging_dir()
         try:
             write_fn(staging)
@@ -192,6 +189,13 @@ class LocalModeCheckpoints(RayTrainCheckpoints):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self.prune(keep=path)
+        self.send(metrics, path)
+
+    def send(self, metrics: dict[str, Any], path: str) -> None:
+        """Hand the metrics and the persisted checkpoint at ``path`` to Ray Train (it keeps them for the result)."""
+        import ray.train
+        from ray.train import Checkpoint
+
         ray.train.report(metrics, checkpoint=Checkpoint(path=path, filesystem=self.filesystem))
 
     def persist(self, staging: Path) -> str:
@@ -225,9 +229,13 @@ class LocalModeCheckpoints(RayTrainCheckpoints):
 def open_run_checkpoints(cfg, score_attribute: str | None) -> RayTrainCheckpoints:
     """The checkpoints of ``cfg``'s run, for its training loop (``score_attribute`` as in the trainer's config)."""
     if cfg.scaling.num_workers == 0:
-        run_dir = f"{cfg.resolved_storage_path().rstrip('/')}/{cfg.run_name}"
-        return LocalModeCheckpoints(run_dir, build_checkpoint_config(cfg, score_attribute))
+        return LocalModeCheckpoints(resolve_run_dir(cfg), build_checkpoint_config(cfg, score_attribute))
     return RayTrainCheckpoints()
+
+
+def resolve_run_dir(cfg) -> str:
+    """Where the run's checkpoints live, as Ray Train keeps a run's: ``<storage_path>/<run_name>``."""
+    return f"{cfg.resolved_storage_path().rstrip('/')}/{cfg.run_name}"
 
 
 def list_checkpoint_dirs(filesystem, run_dir: str) -> list[str]:

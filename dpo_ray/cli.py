@@ -44,6 +44,7 @@ from dpo_ray.seeds import aggregate_seeds, derive_seed_configs, format_seed_tabl
 from dpo_ray.sft import run_sft
 from dpo_ray.sweep import SUMMARY_FILE as SWEEP_SUMMARY_FILE
 from dpo_ray.sweep import run_sweep
+from dpo_ray.sweep.preflight import needs_state_api as sweep_needs_state_api
 from dpo_ray.tiny_model import count_saved_parameters, make_tiny_model, read_tokenizer_texts
 from dpo_ray.trainer import SUMMARY_FILE, find_training_plot, run_dpo
 from dpo_ray.verifier import VerifierError, build_verifier
@@ -188,8 +189,8 @@ def main_sweep(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     _, cfg = parse_config(build_parser("Sweep DPO's beta and learning rate with Ray Tune."), argv)
     print_config(cfg)
-    with exit_on_input_error():  # its trials stopped by ASHA free their placement groups through the State API
-        start_ray(cfg, needs_state_api=True)
+    with exit_on_input_error():  # trials with Ray Train worker groups stopped by ASHA are freed through the State API
+        start_ray(cfg, needs_state_api=sweep_needs_state_api(cfg))
     try:
         with exit_on_input_error(), forward_sigterm_as_sigint():
             summary = run_sweep(cfg)

@@ -193,6 +193,10 @@ class SweepSettings:
     asha_grace_period: int = 1  # evaluations before a trial can be stopped
     seed: int = 0
     trial_cpus: float = 0.25  # the trial's own driver function needs only a sliver of a CPU
+    # A one-worker DDP trial trains in its Tune trial's own process: no Ray Train controller, worker and dataset
+    # actor to start per trial, and no dashboard for the sweep (benchmarks/RESULTS.md has the sweep's cost with
+    # it). false: a Ray Train worker group, as trials with more workers always get.
+    train_in_trial: bool = True
 
 
 @dataclass
@@ -602,7 +606,7 @@ def _validate_sweep(cfg: Config) -> None:
     concurrent, workers = cfg.sweep.max_concurrent_trials, cfg.sweep.workers_per_trial
     _require(concurrent == AUTO or concurrent >= 1, "sweep.max_concurrent_trials",
              f"must be auto or >= 1; got {concurrent}")
-    # Ray 2.60 refuses ray.train calls inside a Tune trial, so a trial cannot train in Ray Train's local mode
+    # Ray 2.60 refuses ray.train calls inside a Tune trial, so a trial cannot train in Ray Train's local mode (0)
     _require(workers == AUTO or workers >= 1, "sweep.workers_per_trial", f"must be auto or >= 1; got {workers}")
     _require(0 < cfg.sweep.beta_min <= cfg.sweep.beta_max, "sweep.beta_min", "needs 0 < beta_min <= beta_max")
     _require(0 < cfg.sweep.lr_min <= cfg.sweep.lr_max, "sweep.lr_min", "needs 0 < lr_min <= lr_max")

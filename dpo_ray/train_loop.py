@@ -1,4 +1,5 @@
-"""The training function each Ray Train worker runs, for any objective (:mod:`dpo_ray.objective`).
+"""The training function each Ray Train worker runs, for any objective (:mod:`dpo_ray.objective`); a sweep's
+one-worker trial runs the same :class:`WorkerLoop` in its own process (:mod:`dpo_ray.sweep.trial`).
 
 ``train_loop_per_worker(loop_config)`` takes the resolved :class:`~dpo_ray.config.Config` (as a dict), the
 objective's name, the model and tokenizer paths; trains with DDP or FSDP under the precision recipe,
@@ -22,7 +23,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from dpo_ray.checkpointing import TrainState, open_run_checkpoints, save_training_state
+from dpo_ray.checkpointing import RayTrainCheckpoints, TrainState, open_run_checkpoints, save_training_state
 from dpo_ray.config import Config, config_from_dict
 from dpo_ray.distributed import all_reduce_max, all_reduce_max_many, all_reduce_sum, clip_gradients
 from dpo_ray.epochs import EpochPlanner, count_steps, plan_micro_batches, resolve_micro_batch_tokens, split_to_count
@@ -58,15 +59,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_up_worker(cfg: Config) -> tuple[int, int, torch.device]:
+class RayTrainRuntime:
+    """What the worker loop asks of the process it runs in, answered by Ray Train (a worker of a group, or the
+    driver in Ray Train's local mode): rank and device, the dataset shards the driver cut, DDP or FSDP, and
+    checkpoints reported through ``ray.train.report``. A sweep's one-worker trial answers the same questions
+    without Ray Train (:class:`dpo_ray.sweep.trial.TrialRuntime`)."""
+
+    def locate(self, cfg: Config) -> tuple[int, int, torch.device]:
+        """(rank, world size, device)."""
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+    def read_shard(self, name: str):
+        """The dataset shard ``name`` (``train_<rank>``, ``eval_<rank>``) as a Ray Data iterator."""
+        return ray.train.get_dataset_shard(name)
+
+    def wrap_model(self, cfg: Config, module: torch.nn.Module, lm: torch.nn.Module) -> torch.nn.Module:
+        return wrap_model(cfg, module, lm)
+
+    def open_checkpoints(self, cfg: Config, score_attribute: str | None) -> RayTrainCheckpoints:
+        return open_run_checkpoints(cfg, score_attribute)
+
+
+def set_up_worker(cfg: Config, runtime: RayTrainRuntime) -> tuple[int, int, torch.device]:
     """Quiet Ray Train's metric logs, size torch's threads to the worker's CPUs, seed; (rank, world, device)."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one progress line per interval, not Ray's dicts
-    ctx = ray.train.get_context()
-    device = ray.train.torch.get_device()
+    rank, world, device = runtime.locate(cfg)
     if device.type == "cpu":
         torch.set_num_threads(count_cpu_threads(cfg.scaling.cpus_per_worker))  # as the reference actors
     seed_everything(cfg.train.seed)
-    return ctx.get_world_rank(), ctx.get_world_size(), device
+    return rank, world, device
 
 
 def build_report_metrics(state: TrainState, train: dict[str, float], evals: dict[str, float]) -> dict[str, Any]:
@@ -93,23 +115,22 @@ def build_report_metrics(state: TrainState, train: dict[str, float], evals: dict
 class WorkerLoop:
     """One worker's run of an objective: model, optimizer, rows and the bookkeeping between steps."""
 
-    def __init__(self, loop_config: dict[str, Any]):
+    def __init__(self, loop_config: dict[str, Any], runtime: RayTrainRuntime | None = None):
         cfg = self.cfg = config_from_dict(loop_config["cfg"])
+        runtime = runtime or RayTrainRuntime()
         self.model_path, self.tokenizer_path = loop_config["model_path"], loop_config["tokenizer_path"]
-        self.rank, self.world, self.device = set_up_worker(cfg)
+        self.rank, self.world, self.device = set_up_worker(cfg, runtime)
         self.micro_batch_tokens = resolve_micro_batch_tokens(cfg.train.micro_batch_tokens, self.device)
         objective_cls = resolve_objective(loop_config.get("objective", "dpo"))
-        self.train_rows = objective_cls.read_rows(
-            ray.train.get_dataset_shard(f"train_{self.rank}")
-        )  # cut on the driver
+        self.train_rows = objective_cls.read_rows(runtime.read_shard(f"train_{self.rank}"))  # cut on the driver
         has_eval = loop_config.get("has_eval", True)
-        self.eval_rows = objective_cls.read_rows(ray.train.get_dataset_shard(f"eval_{self.rank}")) if has_eval else []
+        self.eval_rows = objective_cls.read_rows(runtime.read_shard(f"eval_{self.rank}")) if has_eval else []
         self.rows_per_step, self.total_steps = count_steps(cfg, len(self.train_rows), self.world)
-        self.checkpoints = open_run_checkpoints(cfg, score_attribute=objective_cls.checkpoint_score)
+        self.checkpoints = runtime.open_checkpoints(cfg, objective_cls.checkpoint_score)
         ckpt_dir = self.checkpoints.find_latest()
         self.lm = build_policy(cfg, self.model_path, self.device, ckpt_dir)
         self.objective = objective_cls(cfg, self.lm, loop_config["pad_id"], self.device)
-        self.model = wrap_model(cfg, self.objective.trainable_module(), self.lm)
+        self.model = runtime.wrap_model(cfg, self.objective.trainable_module(), self.lm)
         self.objective.attach(self.model, self.model_path)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler, self.state = build_optimization(cfg, self.params, self.total_steps, ckpt_dir)

@@ -80,6 +80,13 @@ def write_resolved_config(cfg: Config) -> Path:
     return path
 
 
+def build_loop_config(cfg: Config, objective: str, model_path: str, pad_id: int, has_eval: bool) -> dict[str, Any]:
+    """What :class:`~dpo_ray.train_loop.WorkerLoop` reads (``train_loop_config``): the config as a dict, the
+    objective's name, model and tokenizer paths, the pad id and whether there is an eval shard."""
+    return {"cfg": cfg.to_dict(), "objective": objective, "model_path": model_path, "tokenizer_path": model_path,
+            "pad_id": pad_id, "has_eval": has_eval}
+
+
 def build_trainer(cfg: Config, datasets: dict[str, Any], model_path: str, pad_id: int, callbacks=None,
                   objective: str = "dpo"):
     """A TorchTrainer training ``objective`` (a name in :data:`dpo_ray.objective.OBJECTIVES`) for ``cfg``;
@@ -89,14 +96,7 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], model_path: str, pad_id
         resources["GPU"] = cfg.scaling.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg.to_dict(),
-            "objective": objective,
-            "model_path": model_path,
-            "tokenizer_path": model_path,
-            "pad_id": pad_id,
-            "has_eval": "eval" in datasets,
-        },
+        train_loop_config=build_loop_config(cfg, objective, model_path, pad_id, has_eval="eval" in datasets),
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
         ),
@@ -243,13 +243,20 @@ def run_dpo(cfg: Config, callbacks=None, prepared=None, model_path: str | None =
         cfg, {"train": prepared.train, "eval": prepared.eval}, model_path, pad_token_id(model_path, cfg), callbacks
     )
     result, interrupted, exit_code = fit_trainer(cfg, trainer)
+    return finish_run(cfg, result, prepared, time.perf_counter() - start, interrupted, exit_code)
+
+
+def finish_run(cfg: Config, result, prepared, wall_seconds: float, interrupted: bool = False,
+               exit_code: int = 0) -> dict[str, Any]:
+    """Export the final policy from ``result`` (a Ray ``Result``, or anything with its ``metrics`` and
+    ``checkpoint``) unless the run was interrupted, and write ``summary.json``; returns the summary."""
     final_dir = export_final_model(cfg, result) if result.checkpoint is not None and not interrupted else ""
     summary = build_summary(
         cfg,
         result.metrics or {},
         prepared,
         final_dir,
-        time.perf_counter() - start,
+        wall_seconds,
         result.checkpoint.path if result.checkpoint else None,
     )
     summary["interrupted"] = interrupted

@@ -152,7 +152,9 @@ def watch_nodes(stop: threading.Event, seen: list[int]) -> None:
 
 
 def build_sweep_config(output_dir: Path, model_dir: str, data_file: str):
-    """Two trials whose single worker wants 2 CPUs: the 1-CPU head can never run one."""
+    """Trials whose single worker wants 2 CPUs: the 1-CPU head can never run one. They train in a Ray Train worker
+    group (``sweep.train_in_trial`` off), so this also covers that path of a sweep; the other sweep tests train
+    their one-worker trials in the trial's own process."""
     from dpo_ray.config import config_from_dict
 
     return config_from_dict({
@@ -160,7 +162,7 @@ def build_sweep_config(output_dir: Path, model_dir: str, data_file: str):
         "data": {"train": data_file, "max_length": 256, "eval_fraction": 0.1, "max_invalid_fraction": 0.5},
         "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 2, "eval_every": 2},
         "scaling": {"num_workers": 1, "cpus_per_worker": 2.0, "max_failures": 0, "allow_autoscale": True},
-        "sweep": {"num_samples": 1, "max_concurrent_trials": 1, "asha": False, "seed": 3},
+        "sweep": {"num_samples": 1, "max_concurrent_trials": 1, "asha": False, "seed": 3, "train_in_trial": False},
         "output_dir": str(output_dir),
     })
 

@@ -218,6 +218,13 @@ def test_a_local_sweep_keeps_the_dashboard_and_refuses_to_run_without_it(fake_ra
     assert len(fake_ray_init) == 1  # refused before Ray starts
 
 
+def test_a_sweep_whose_trials_train_in_their_own_process_starts_no_dashboard(fake_ray_init, monkeypatch, tmp_path):
+    run_command_until_training(monkeypatch, "sweep", [f"--set=output_dir={tmp_path}", "--set=scaling.num_workers=1"])
+    [kwargs] = fake_ray_init
+    assert kwargs["include_dashboard"] is False  # no Ray Train worker group, so no placement group to free
+    assert "RAY_API_SERVER_ADDRESS" in kwargs["runtime_env"]["env_vars"]
+
+
 def test_the_key_can_ask_for_the_dashboard_on_a_local_train_run(fake_ray_init, monkeypatch, tmp_path):
     run_command_until_training(monkeypatch, "sft", [f"--set=output_dir={tmp_path}", "--set=ray.include_dashboard=true",
                                                     "--set=ray.idle_workers=3"])

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from dpo_ray.cli import main_sweep
-from dpo_ray.config import TINY_MODEL_PRESET, ConfigError, build_config, config_from_dict
+from dpo_ray.config import TINY_MODEL_PRESET, ConfigError, build_config, config_from_dict, derive_config
 from dpo_ray.sweep import preflight, results
 from dpo_ray.sweep import space as sweep_space
 
@@ -138,8 +138,10 @@ def size(resources: dict, *overrides: str) -> tuple[int, int]:
 
 
 def test_auto_sizing_fits_the_default_sweep_to_the_cluster():
-    # 2 CPUs: one trial with the default 2 workers needs 0.25 + 2 CPUs, so 1 worker per trial, 1 trial at once
-    assert size({"CPU": 2.0}) == (1, 1)
+    # 2 CPUs: one trial with the default 2 workers needs 0.25 + 2 CPUs, so 1 worker per trial; such a trial trains
+    # in its own process on 1 CPU, so 2 trials at once
+    assert size({"CPU": 2.0}) == (2, 1)
+    assert size({"CPU": 2.0}, "sweep.train_in_trial=false") == (1, 1)  # 0.25 + 1 CPUs per trial
     assert "scaling.num_workers=2 would need (0.25 + 2 x 1) CPUs" in preflight.choose_sweep_sizing(
         build_config(), {"CPU": 2.0}).reason
     assert size({"CPU": 16.0}) == (4, 2)  # all 4 trials, each 2.25 CPUs
@@ -153,10 +155,16 @@ def test_values_the_user_set_are_kept_and_one_that_cannot_fit_is_refused():
     assert size({"CPU": 16.0}, "sweep.max_concurrent_trials=3", "sweep.workers_per_trial=3",
                 "train.batch_size=12") == (3, 3)
     assert size({"CPU": 2.0}, "sweep.max_concurrent_trials=2") == (2, 1)  # workers still auto: lowered
-    # 8 trials x 0.25 CPU would hold both CPUs: no trial's worker could ever start
-    cfg = build_config(None, ["scaling.num_workers=1", "sweep.num_samples=8", "sweep.max_concurrent_trials=8"])
+    # 8 trials x 0.25 CPU would hold both CPUs: no trial's worker group could ever start
+    cfg = build_config(None, ["scaling.num_workers=1", "sweep.num_samples=8", "sweep.max_concurrent_trials=8",
+                              "sweep.train_in_trial=false"])
     with pytest.raises(ConfigError, match="'sweep.max_concurrent_trials': 8 concurrent trials"):
         preflight.check_sweep_fits(preflight.size_sweep_config(cfg, {"CPU": 2.0}), {"CPU": 2.0})
+    # trials that train in their own process hold all they need: those that do not fit wait their turn
+    in_trial = preflight.size_sweep_config(derive_config(cfg, {"sweep.train_in_trial": True}), {"CPU": 2.0})
+    preflight.check_sweep_fits(in_trial, {"CPU": 2.0})
+    with pytest.raises(ConfigError, match="'scaling.cpus_per_worker': one trial needs 4 CPUs but the cluster has 2"):
+        preflight.check_sweep_fits(derive_config(in_trial, {"scaling.cpus_per_worker": 4.0}), {"CPU": 2.0})
     explicit_workers = build_config(None, ["sweep.workers_per_trial=2"])
     assert preflight.choose_sweep_sizing(explicit_workers, {"CPU": 2.0}).workers_per_trial == 2
     with pytest.raises(ConfigError, match=r"'sweep.workers_per_trial': one trial needs 2.25 CPUs .* cluster has 2 "):
@@ -182,8 +190,27 @@ def test_the_sweep_is_sized_once_from_the_cluster_and_logged(monkeypatch, caplog
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})  # a 2-core machine, no Ray needed
     with caplog.at_level("INFO", logger="dpo_ray"):
         sized = preflight.size_sweep(build_config())  # python workflows/sweep.py with no --config
-    assert (sized.sweep.max_concurrent_trials, sized.sweep.workers_per_trial, sized.scaling.num_workers) == (1, 1, 1)
-    assert "sweep sizing: 1 trial(s) at once" in caplog.text
+    assert (sized.sweep.max_concurrent_trials, sized.sweep.workers_per_trial, sized.scaling.num_workers) == (2, 1, 1)
+    assert "sweep sizing: 2 trial(s) at once (auto: 2 trial(s) x 1 CPUs (one worker, in the trial's process) " \
+        "fit in 2 CPUs)" in caplog.text
+
+
+def test_a_one_worker_ddp_trial_trains_in_its_own_process_holding_the_workers_resources():
+    from dpo_ray.sweep.trial import build_trial_resources
+
+    def sized(*overrides: str):
+        return build_config(None, ["sweep.workers_per_trial=1", *overrides])
+
+    assert preflight.trains_in_trial(sized()) and build_trial_resources(sized()) == {"CPU": 1.0}
+    assert build_trial_resources(sized("scaling.use_gpu=true", "scaling.cpus_per_worker=4")) == {"CPU": 4.0,
+                                                                                                 "GPU": 1.0}
+    for other in (sized("train.strategy=fsdp", "scaling.use_gpu=true"), sized("sweep.train_in_trial=false"),
+                  build_config(None, ["sweep.workers_per_trial=2"])):
+        assert not preflight.trains_in_trial(other) and build_trial_resources(other) == {"CPU": 0.25}, other.sweep
+    # only a sweep whose trials may get worker groups needs the State API (so a local dashboard)
+    assert not preflight.needs_state_api(build_config(None, ["scaling.num_workers=1"]))
+    assert preflight.needs_state_api(build_config())  # auto workers: up to scaling.num_workers=2
+    assert preflight.needs_state_api(build_config(None, ["scaling.num_workers=1", "sweep.train_in_trial=false"]))
 
 
 def test_only_live_groups_of_finished_jobs_count_as_leaked():

@@ -6,8 +6,8 @@ One sweep is one Tune experiment named ``sweep`` under the sweep's storage path
 * The driver prepares the model and the data ONCE (tokenization and the reference pass), before the
   Tuner starts; every trial receives the same materialized datasets through ``tune.with_parameters``.
 * Each trial (:func:`dpo_ray.sweep.trial.run_trial`) merges its sampled values onto the base config and
-  trains with :func:`dpo_ray.trainer.run_dpo`; ``TuneReportCallback`` forwards every evaluation to Tune, so
-  ASHA can stop weak trials on ``eval_accuracy``.
+  trains: a one-worker trial in its own process, others with :func:`dpo_ray.trainer.run_dpo`. Every evaluation
+  reaches Tune, so ASHA can stop weak trials on ``eval_accuracy``.
 * A failed trial is recorded (status ERROR) and the sweep goes on; an interrupted sweep (Ctrl-C,
   SIGTERM) saves its state, and running the same command again resumes it without redoing finished
   trials. Trials that were running resume from their own latest Train checkpoint (same run name).
@@ -23,7 +23,13 @@ from typing import Any
 
 from dpo_ray.config import Config
 from dpo_ray.ray_compat import release_leaked_placement_groups, release_placement_groups_after_sweep
-from dpo_ray.sweep.preflight import SWEEP_CONFIG_FILE, check_resume_matches, size_sweep
+from dpo_ray.sweep.preflight import (
+    SWEEP_CONFIG_FILE,
+    check_resume_matches,
+    needs_state_api,
+    size_sweep,
+    trains_in_trial,
+)
 from dpo_ray.sweep.results import build_rows, write_sweep_outputs
 from dpo_ray.sweep.space import count_trials, validate_sweep_keys
 from dpo_ray.sweep.trial import build_trainable, prepare_shared_inputs
@@ -45,7 +51,8 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     resumed = can_resume(cfg)
     if resumed:
         check_resume_matches(cfg)
-    release_leaked_placement_groups()  # e.g. left by the interrupted run this one resumes
+    if needs_state_api(cfg):  # only Ray Train worker groups leave placement groups behind
+        release_leaked_placement_groups()  # e.g. left by the interrupted run this one resumes
     sized = size_sweep(cfg)  # the config as given (auto included) is the one a resume must match
     shared = prepare_shared_inputs(sized)
     logger.info("prepared once for all trials: %d train / %d eval pairs, %d reference pass(es)",
@@ -60,6 +67,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
                     sized.sweep.max_concurrent_trials, resolve_experiment_path(sized))
         tuner = build_tuner(sized, trainable)
     grid = tuner.fit()
-    release_placement_groups_after_sweep()
+    if not trains_in_trial(sized):
+        release_placement_groups_after_sweep()
     return write_sweep_outputs(sized, build_rows(grid, sized), shared.prepared.reference_passes,
                                time.perf_counter() - start, resumed)

@@ -114,21 +114,46 @@ def choose_workers_per_trial(cfg: Config, resources: dict[str, float]) -> tuple[
     return wanted, f"auto: scaling.num_workers={wanted}; not even 1 worker fits"  # check_sweep_fits says so
 
 
-def count_fitting_trials(cfg: Config, workers: int, resources: dict[str, float]) -> int:
-    """How many trials with ``workers`` workers each the cluster can run at once.
+def trains_in_trial(cfg: Config, workers: int | str | None = None) -> bool:
+    """Whether trials of ``workers`` workers (default: ``sweep.workers_per_trial``) train in the Tune trial's own
+    process (:mod:`dpo_ray.sweep.trial`): one DDP worker with ``sweep.train_in_trial`` on. FSDP trials keep Ray
+    Train, which wraps the model as a single run's."""
+    workers = cfg.sweep.workers_per_trial if workers is None else workers
+    return cfg.sweep.train_in_trial and workers == 1 and cfg.train.strategy == "ddp"
 
-    A trial holds ``sweep.trial_cpus`` for its own function plus its workers' CPUs (and GPUs). (0 workers is
-    refused by :func:`size_sweep`; it is counted as 1 here so that the sizing can still say what would fit.)
+
+def needs_state_api(cfg: Config) -> bool:
+    """Whether the sweep may need Ray's State API (so a local instance's dashboard): to free the placement groups
+    of Ray Train worker groups whose trials ASHA stopped. Trials that train in their own process leave none;
+    ``auto`` workers count as ``scaling.num_workers``, which sizing can only lower."""
+    workers = cfg.scaling.num_workers if cfg.sweep.workers_per_trial == AUTO else cfg.sweep.workers_per_trial
+    return not trains_in_trial(cfg, workers)
+
+
+def count_trial_cpus(cfg: Config, workers: int) -> float:
+    """CPUs one trial of ``workers`` workers holds: its workers' and ``sweep.trial_cpus`` for its own function,
+    or only the worker's when it trains in its own process."""
+    if trains_in_trial(cfg, workers):
+        return cfg.scaling.cpus_per_worker
+    return cfg.sweep.trial_cpus + max(workers, 1) * cfg.scaling.cpus_per_worker
+
+
+def count_fitting_trials(cfg: Config, workers: int, resources: dict[str, float]) -> int:
+    """How many trials with ``workers`` workers each the cluster can run at once (:func:`count_trial_cpus`, and
+    the workers' GPUs). (0 workers is refused by :func:`size_sweep`; it is counted as 1 here so that the sizing
+    can still say what would fit.)
     """
-    per_trial_cpus = cfg.sweep.trial_cpus + max(workers, 1) * cfg.scaling.cpus_per_worker
-    fit = math.floor((resources.get("CPU", 0.0) + SLACK) / per_trial_cpus)
+    fit = math.floor((resources.get("CPU", 0.0) + SLACK) / count_trial_cpus(cfg, workers))
     if cfg.scaling.use_gpu and workers > 0:
         fit = min(fit, math.floor((resources.get("GPU", 0.0) + SLACK) / (workers * cfg.scaling.gpus_per_worker)))
     return fit
 
 
 def describe_trial_need(cfg: Config, workers: int) -> str:
-    need = f"({cfg.sweep.trial_cpus:g} + {workers} x {cfg.scaling.cpus_per_worker:g}) CPUs"
+    if trains_in_trial(cfg, workers):
+        need = f"{cfg.scaling.cpus_per_worker:g} CPUs (one worker, in the trial's process)"
+    else:
+        need = f"({cfg.sweep.trial_cpus:g} + {workers} x {cfg.scaling.cpus_per_worker:g}) CPUs"
     if cfg.scaling.use_gpu:
         need += f" and {workers * cfg.scaling.gpus_per_worker:g} GPUs"
     return need
@@ -148,6 +173,11 @@ def check_sweep_fits(cfg: Config, resources: dict[str, float]) -> None:
     if AUTO in (cfg.sweep.max_concurrent_trials, cfg.sweep.workers_per_trial):
         raise ValueError("check_sweep_fits needs a sized config (size_sweep); it got auto values")
     have = resources.get("CPU", 0.0)
+    if trains_in_trial(cfg):  # a trial holds all it needs, so trials that do not fit at once wait their turn
+        if cfg.scaling.cpus_per_worker > have + SLACK:
+            raise ConfigError(f"config key 'scaling.cpus_per_worker': one trial needs {cfg.scaling.cpus_per_worker:g} "
+                              f"CPUs but the cluster has {have:g}")
+        return
     concurrent = min(cfg.sweep.max_concurrent_trials, count_trials(cfg))
     workers = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     if cfg.sweep.trial_cpus + workers > have + SLACK:

@@ -1,17 +1,39 @@
-"""One trial: the Tune function trainable that trains one DPO run on what the driver prepared once."""
+"""One trial: the Tune function trainable that trains one DPO run on what the driver prepared once.
+
+A one-worker trial (the default on a small machine; :func:`~dpo_ray.sweep.preflight.trains_in_trial`) trains
+in the trial's own process: the same :class:`~dpo_ray.train_loop.WorkerLoop` as a Ray Train worker runs, with
+:class:`TrialRuntime` in place of Ray Train. That saves each trial a Ray Train controller, a worker and a dataset
+actor, and their start-up (Ray 2.60 refuses ``ray.train`` calls inside a Tune trial, so Ray Train's local mode
+cannot stand in). Trials with more workers build a ``TorchTrainer`` as a single run does.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from ray import tune
+from ray.train import Checkpoint
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from dpo_ray.checkpointing import LocalModeCheckpoints, build_checkpoint_config, resolve_run_dir
 from dpo_ray.config import Config
 from dpo_ray.data.pipeline import PreparedData, prepare_data
+from dpo_ray.sweep.preflight import trains_in_trial
 from dpo_ray.sweep.space import build_trial_config
-from dpo_ray.trainer import prepare_model_path, run_dpo
+from dpo_ray.train_loop import RayTrainRuntime, WorkerLoop
+from dpo_ray.trainer import (
+    build_loop_config,
+    finish_run,
+    pad_token_id,
+    prepare_model_path,
+    run_dpo,
+    split_for_workers,
+    write_resolved_config,
+    write_training_plot,
+)
 
 
 @dataclass
@@ -30,20 +52,95 @@ def prepare_shared_inputs(cfg: Config) -> SharedInputs:
     return SharedInputs(model_path=model_path, prepared=prepared)
 
 
+class TrialCheckpoints(LocalModeCheckpoints):
+    """A trial's checkpoints, kept as in Ray Train's local mode (``<storage_path>/<trial id>``, where a resumed
+    trial finds its latest); each report goes to Tune with the checkpoint's path, as ``TuneReportCallback``
+    forwards a worker group's."""
+
+    def __init__(self, run_dir: str, checkpoint_config):
+        super().__init__(run_dir, checkpoint_config)
+        self.last_metrics: dict[str, Any] = {}
+        self.last_path: str | None = None
+
+    def send(self, metrics: dict[str, Any], path: str) -> None:
+        self.last_metrics, self.last_path = metrics, path
+        tune.report({**metrics, "checkpoint_path": path})
+
+
+@dataclass
+class TrialRuntime(RayTrainRuntime):
+    """The worker loop's runtime in a Tune trial's own process: rank 0 of 1, the trial's device, the driver's
+    datasets as they are, no DDP, :class:`TrialCheckpoints`."""
+
+    datasets: dict[str, Any]  # "train_0", "eval_0": materialized Ray datasets
+    checkpoints: TrialCheckpoints | None = field(default=None, init=False)
+
+    def locate(self, cfg: Config) -> tuple[int, int, torch.device]:
+        # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU, so it is device 0 here
+        return 0, 1, torch.device("cuda", 0) if cfg.scaling.use_gpu else torch.device("cpu")
+
+    def read_shard(self, name: str):
+        return self.datasets[name]
+
+    def wrap_model(self, cfg: Config, module: torch.nn.Module, lm: torch.nn.Module) -> torch.nn.Module:
+        return module  # one process: no gradients to synchronize
+
+    def open_checkpoints(self, cfg: Config, score_attribute: str | None) -> TrialCheckpoints:
+        self.checkpoints = TrialCheckpoints(resolve_run_dir(cfg), build_checkpoint_config(cfg, score_attribute))
+        return self.checkpoints
+
+
+@dataclass
+class TrialResult:
+    """What :func:`~dpo_ray.trainer.finish_run` reads of a run's result: its last metrics and checkpoint."""
+
+    metrics: dict[str, Any]
+    checkpoint: Checkpoint | None
+
+
+def train_in_trial(cfg: Config, shared: SharedInputs) -> dict[str, Any]:
+    """Train ``cfg`` in this trial's process and write the same outputs as :func:`~dpo_ray.trainer.run_dpo`
+    (config, metrics, checkpoints, ``training.png``, ``final_model``, ``summary.json``); the summary."""
+    start = time.perf_counter()
+    write_resolved_config(cfg)
+    prepared = shared.prepared
+    runtime = TrialRuntime(split_for_workers({"train": prepared.train, "eval": prepared.eval}, 1))
+    pad_id = pad_token_id(shared.model_path, cfg)
+    WorkerLoop(build_loop_config(cfg, "dpo", shared.model_path, pad_id, has_eval=True), runtime).run()
+    ckpts = runtime.checkpoints
+    checkpoint = Checkpoint(path=ckpts.last_path, filesystem=ckpts.filesystem) if ckpts.last_path else None
+    write_training_plot(cfg)
+    return finish_run(cfg, TrialResult(ckpts.last_metrics, checkpoint), prepared, time.perf_counter() - start)
+
+
 def run_trial(config: dict[str, Any], base_config: dict[str, Any], sweep_output_dir: str, cache_dir: str,
               shared: SharedInputs) -> None:
     """Tune function trainable: train one DPO run with the sampled values (``config``, nested) and report to Tune.
 
-    Reports reach Tune through ``TuneReportCallback`` (rank 0's ``ray.train.report`` at each
-    evaluation). An exception here marks the trial ERROR; the sweep goes on.
+    Each evaluation reaches Tune as a report (from :class:`TrialCheckpoints`, or from rank 0's
+    ``ray.train.report`` through ``TuneReportCallback``). An exception here marks the trial ERROR; the sweep goes on.
     """
     trial_id = tune.get_context().get_trial_id()
     cfg = build_trial_config(base_config, config, trial_id, sweep_output_dir, cache_dir)
-    run_dpo(cfg, callbacks=[TuneReportCallback()], prepared=shared.prepared, model_path=shared.model_path)
+    if trains_in_trial(cfg):
+        train_in_trial(cfg, shared)
+    else:
+        run_dpo(cfg, callbacks=[TuneReportCallback()], prepared=shared.prepared, model_path=shared.model_path)
+
+
+def build_trial_resources(cfg: Config) -> dict[str, float]:
+    """What a trial holds: the whole worker's CPUs (and GPU) when it trains in its own process, else a sliver
+    (``sweep.trial_cpus``) for its function while its Ray Train workers hold theirs."""
+    if not trains_in_trial(cfg):
+        return {"CPU": cfg.sweep.trial_cpus}
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    return resources
 
 
 def build_trainable(cfg: Config, shared: SharedInputs):
-    """The trial function with the shared inputs in the object store and a small CPU share."""
+    """The trial function with the shared inputs in the object store and the trial's resources."""
     fn = tune.with_parameters(
         run_trial,
         base_config=cfg.to_dict(),
@@ -51,4 +148,4 @@ def build_trainable(cfg: Config, shared: SharedInputs):
         cache_dir=str(cfg.resolved_cache_dir()),
         shared=shared,
     )
-    return tune.with_resources(fn, {"CPU": cfg.sweep.trial_cpus})
+    return tune.with_resources(fn, build_trial_resources(cfg))

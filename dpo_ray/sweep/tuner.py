@@ -8,6 +8,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from dpo_ray.config import Config
 from dpo_ray.ray_compat import PlacementGroupReleaser
+from dpo_ray.sweep.preflight import trains_in_trial
 from dpo_ray.sweep.space import METRIC, MODE, build_param_space
 
 EXPERIMENT_NAME = "sweep"  # Tune experiment directory under the storage path
@@ -54,12 +55,16 @@ def build_tuner(cfg: Config, trainable) -> tune.Tuner:
             search_alg=build_search_alg(cfg),
             scheduler=build_scheduler(cfg),
             trial_dirname_creator=name_trial_dir,
+            # the next trial that trains in its own process runs in the finished one's: no new process to start
+            # and no torch or transformers to import again (seconds per trial on a small machine)
+            reuse_actors=trains_in_trial(cfg),
         ),
         run_config=tune.RunConfig(
             name=EXPERIMENT_NAME,
             storage_path=cfg.resolved_storage_path(),
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[PlacementGroupReleaser()],
+            # trials that train in their own process leave no worker group's placement group to free
+            callbacks=[] if trains_in_trial(cfg) else [PlacementGroupReleaser()],
         ),
     )
 
