@@ -478,8 +478,10 @@ def dpo_ray_overrides(args, model_path: str, pairs: PairSet, run_dir: Path, gpu:
     return out + list(args.dpo_ray_set)
 
 
-def is_ray_train_worker(proc, title: str, root_pid: int) -> bool:
-    return "RayTrainWorker" in title
+def is_training_process(proc, title: str, root_pid: int) -> bool:
+    """A Ray Train worker, or a sweep trial's own process, which trains there with one worker (``ImplicitFunc``,
+    Tune's actor for a function trainable)."""
+    return "RayTrainWorker" in title or "ImplicitFunc" in title
 
 
 def is_driver(proc, title: str, root_pid: int) -> bool:
@@ -510,7 +512,7 @@ def launch_dpo_ray(args, label: str, command: str, sets: list[str], run_dir: Pat
     cmd += ["--"] + [a for kv in sets for a in ("--set", kv)]
     load = (wait_for_quiet(args.quiet_load, args.quiet_wait, label) if args.quiet_wait > 0
             else {"load_at_start": load1()})
-    out = run_side(label, cmd, env, run_dir / "output.log", is_driver if args.workers == 0 else is_ray_train_worker,
+    out = run_side(label, cmd, env, run_dir / "output.log", is_driver if args.workers == 0 else is_training_process,
                    gpu, args.timeout, load, args.sample_interval)
     save_monitor(out, run_dir)
     result = json.loads(result_file.read_text())
