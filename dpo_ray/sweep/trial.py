@@ -9,6 +9,9 @@ cannot stand in). Trials with more workers build a ``TorchTrainer`` as a single 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,6 +116,21 @@ def train_in_trial(cfg: Config, shared: SharedInputs) -> dict[str, Any]:
     return finish_run(cfg, TrialResult(ckpts.last_metrics, checkpoint), prepared, time.perf_counter() - start)
 
 
+def release_freed_memory() -> None:
+    """Collect the finished trial's objects and hand glibc's freed heap back to the OS.
+
+    The trial's model, gradients and optimizer state are all freed when it returns, but glibc keeps the freed
+    memory in the process: without this, a reused trial process peaked about 350 MB higher with each trial
+    (1.0, 1.4, 1.7, 2.1 GB over four 20M-parameter trials, no tensor left alive); with it, at about 1.1 GB in
+    each. A no-op where the C library has no ``malloc_trim``.
+    """
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:
+        trim(0)
+
+
 def run_trial(config: dict[str, Any], base_config: dict[str, Any], sweep_output_dir: str, cache_dir: str,
               shared: SharedInputs) -> None:
     """Tune function trainable: train one DPO run with the sampled values (``config``, nested) and report to Tune.
@@ -123,7 +141,10 @@ def run_trial(config: dict[str, Any], base_config: dict[str, Any], sweep_output_
     trial_id = tune.get_context().get_trial_id()
     cfg = build_trial_config(base_config, config, trial_id, sweep_output_dir, cache_dir)
     if trains_in_trial(cfg):
-        train_in_trial(cfg, shared)
+        try:
+            train_in_trial(cfg, shared)
+        finally:
+            release_freed_memory()  # the next trial runs in this process (reuse_actors)
     else:
         run_dpo(cfg, callbacks=[TuneReportCallback()], prepared=shared.prepared, model_path=shared.model_path)
 
