@@ -192,7 +192,9 @@ class SweepSettings:
     asha: bool = True  # stop weak trials early on eval accuracy
     asha_grace_period: int = 1  # evaluations before a trial can be stopped
     seed: int = 0
-    trial_cpus: float = 0.25  # the trial's own driver function needs only a sliver of a CPU
+    # a worker-group trial's own function needs only a sliver of a CPU (one that trains in its own process holds
+    # its worker's CPUs instead)
+    trial_cpus: float = 0.25
     # A one-worker DDP trial trains in its Tune trial's own process: no Ray Train controller, worker and dataset
     # actor to start per trial, and no dashboard for the sweep (benchmarks/RESULTS.md has the sweep's cost with
     # it). false: a Ray Train worker group, as trials with more workers always get.
