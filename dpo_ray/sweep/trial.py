@@ -13,7 +13,7 @@ import ctypes
 import ctypes.util
 import gc
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,7 +76,6 @@ class TrialRuntime(RayTrainRuntime):
     datasets as they are, no DDP, :class:`TrialCheckpoints`."""
 
     datasets: dict[str, Any]  # "train_0", "eval_0": materialized Ray datasets
-    checkpoints: TrialCheckpoints | None = field(default=None, init=False)
 
     def locate(self, cfg: Config) -> tuple[int, int, torch.device]:
         # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU, so it is device 0 here
@@ -89,8 +88,7 @@ class TrialRuntime(RayTrainRuntime):
         return module  # one process: no gradients to synchronize
 
     def open_checkpoints(self, cfg: Config, score_attribute: str | None) -> TrialCheckpoints:
-        self.checkpoints = TrialCheckpoints(resolve_run_dir(cfg), build_checkpoint_config(cfg, score_attribute))
-        return self.checkpoints
+        return TrialCheckpoints(resolve_run_dir(cfg), build_checkpoint_config(cfg, score_attribute))
 
 
 @dataclass
@@ -109,8 +107,9 @@ def train_in_trial(cfg: Config, shared: SharedInputs) -> dict[str, Any]:
     prepared = shared.prepared
     runtime = TrialRuntime(split_for_workers({"train": prepared.train, "eval": prepared.eval}, 1))
     pad_id = pad_token_id(shared.model_path, cfg)
-    WorkerLoop(build_loop_config(cfg, "dpo", shared.model_path, pad_id, has_eval=True), runtime).run()
-    ckpts = runtime.checkpoints
+    loop = WorkerLoop(build_loop_config(cfg, "dpo", shared.model_path, pad_id, has_eval=True), runtime)
+    loop.run()
+    ckpts = loop.checkpoints  # the TrialCheckpoints the runtime opened
     checkpoint = Checkpoint(path=ckpts.last_path, filesystem=ckpts.filesystem) if ckpts.last_path else None
     write_training_plot(cfg)
     return finish_run(cfg, TrialResult(ckpts.last_metrics, checkpoint), prepared, time.perf_counter() - start)
