@@ -23,30 +23,25 @@ def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     )
 
 
-def warm_up(step: int, warmup: int) -> float | None:
-    """The warmup factor ``step / warmup`` while ``step < warmup``, else None."""
-    return float(step) / float(max(1, warmup)) if step < warmup else None
+def decay_linear(step: int, warmup: int, total: int) -> float:
+    """After warmup: linear down to 0 at ``total``."""
+    return max(0.0, float(total - step) / float(max(1, total - warmup)))
 
 
-def scale_linear(step: int, *, warmup: int, total: int) -> float:
-    """Linear warmup, then linear decay to 0 at ``total``."""
-    up = warm_up(step, warmup)
-    return up if up is not None else max(0.0, float(total - step) / float(max(1, total - warmup)))
-
-
-def scale_cosine(step: int, *, warmup: int, total: int) -> float:
-    """Linear warmup, then half a cosine down to 0 at ``total``."""
-    up = warm_up(step, warmup)
-    if up is not None:
-        return up
+def decay_cosine(step: int, warmup: int, total: int) -> float:
+    """After warmup: half a cosine down to 0 at ``total``."""
     progress = float(step - warmup) / float(max(1, total - warmup))
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def scale_constant(step: int, *, warmup: int, total: int) -> float:
-    """Linear warmup, then the full learning rate."""
-    up = warm_up(step, warmup)
-    return up if up is not None else 1.0
+def decay_none(step: int, warmup: int, total: int) -> float:
+    """After warmup: the full learning rate."""
+    return 1.0
+
+
+def scale_lr(step: int, *, warmup: int, total: int, decay) -> float:
+    """The factor on the learning rate at ``step``: linear warmup over ``warmup`` steps, then ``decay``."""
+    return float(step) / float(max(1, warmup)) if step < warmup else decay(step, warmup, total)
 
 
 class LrSchedule(enum.Enum):
@@ -60,9 +55,9 @@ class LrSchedule(enum.Enum):
     CONSTANT = "constant"
 
     def build(self, optimizer: torch.optim.Optimizer, warmup: int, total: int) -> LambdaLR:
-        scale = {LrSchedule.LINEAR: scale_linear, LrSchedule.COSINE: scale_cosine,
-                 LrSchedule.CONSTANT: scale_constant}[self]
-        return LambdaLR(optimizer, partial(scale, warmup=warmup, total=total))
+        decay = {LrSchedule.LINEAR: decay_linear, LrSchedule.COSINE: decay_cosine,
+                 LrSchedule.CONSTANT: decay_none}[self]
+        return LambdaLR(optimizer, partial(scale_lr, warmup=warmup, total=total, decay=decay))
 
 
 def build_scheduler(cfg: Config, optimizer, total_steps: int) -> LambdaLR:
